@@ -1,0 +1,91 @@
+"""Mamba-2 mixer (DESIGN §2.1): in_proj -> causal conv + SiLU -> ssm_scan -> gated RMSNorm -> out_proj."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bmojo.config import BmojoConfig
+from bmojo.model.layers import GatedRMSNorm
+from bmojo.ops import ssm_scan
+
+
+@dataclass
+class SSMState:
+    """Recurrent state of one Mamba-2 mixer: conv inputs ``conv [B, C, K-1]``, scan state ``ssm [B, H, P, N]``."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: BmojoConfig):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.inner_size = config.ssm_inner_size
+        self.num_heads = config.ssm_num_heads
+        self.head_dim = config.ssm_head_dim
+        self.num_groups = config.ssm_num_groups
+        self.state_size = config.ssm_state_size
+        self.conv_kernel = config.ssm_conv_kernel
+        self.chunk_size = config.ssm_chunk_size
+        self.dt_range = (config.ssm_dt_min, config.ssm_dt_max)
+        self.conv_dim = self.inner_size + 2 * self.num_groups * self.state_size
+        # Segments of in_proj, in order: z (gate), x, B, C, dt. Tensor parallelism shards each by head.
+        self.in_proj_segments = (
+            self.inner_size,
+            self.inner_size,
+            self.num_groups * self.state_size,
+            self.num_groups * self.state_size,
+            self.num_heads,
+        )
+        self.in_proj = nn.Linear(self.hidden_size, sum(self.in_proj_segments), bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.inner_size, self.inner_size // self.num_groups, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.inner_size, self.hidden_size, bias=False)
+
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SSMState:
+        return SSMState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.conv_kernel - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(
+                batch_size, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32
+            ),
+        )
+
+    def forward(self, h: torch.Tensor, state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """h: [B, T, D] -> (s: [B, T, D], state after the last token).
+
+        ``state`` continues a sequence (decoding or chunked prefill); ``None`` starts from zeros.
+        """
+        batch, length, _ = h.shape
+        z, xbc, dt_raw = self.in_proj(h).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
+        if state is None:
+            state = self.empty_state(batch, h.device, h.dtype)
+        # Prepending the previous K-1 conv inputs makes the conv causal and continuous across calls.
+        conv_in = torch.cat([state.conv.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        new_conv = conv_in[..., conv_in.shape[-1] - (self.conv_kernel - 1) :]
+        xbc = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        x, b, c = xbc.transpose(1, 2).split(
+            [self.inner_size, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
+        )
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        y, final = ssm_scan(
+            x.unflatten(-1, (self.num_heads, self.head_dim)),
+            dt,
+            -torch.exp(self.A_log.float()),
+            b.unflatten(-1, (self.num_groups, self.state_size)),
+            c.unflatten(-1, (self.num_groups, self.state_size)),
+            D=self.D,
+            initial_state=state.ssm,
+            chunk_size=self.chunk_size,
+        )
+        s = self.out_proj(self.norm(y.flatten(-2).to(h.dtype), z))
+        return s, SSMState(conv=new_conv, ssm=final)

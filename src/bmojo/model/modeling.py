@@ -1,0 +1,250 @@
+"""`BmojoModel` and `BmojoForCausalLM`: the stack ``x += mixer(norm(x)); x += mlp(norm(x))`` (DESIGN §2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from bmojo.config import BmojoConfig
+from bmojo.model.attention import AttentionMixer, AttentionState
+from bmojo.model.layers import RMSNorm, SwiGLU
+from bmojo.model.mamba2 import Mamba2Mixer, SSMState
+
+
+class BmojoCache(Cache):
+    """Recurrent state of every layer (DESIGN §2.5); its size does not grow with the context for W, M, F, B.
+
+    ``states[i]`` is an :class:`SSMState` (``M``) or an :class:`AttentionState` (other letters), filled by the
+    first forward that receives this cache.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: BmojoConfig):
+        super().__init__(layers=[])
+        self.states: list[SSMState | AttentionState | None] = [None] * config.num_hidden_layers
+        self.seen_tokens = 0
+
+    def __repr__(self) -> str:
+        return f"BmojoCache(seen_tokens={self.seen_tokens}, layers={len(self.states)})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.states)
+
+
+class BmojoBlock(nn.Module):
+    def __init__(self, config: BmojoConfig, letter: str):
+        super().__init__()
+        self.letter = letter
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = Mamba2Mixer(config) if letter == "M" else AttentionMixer(config, letter)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cache: BmojoCache | None = None, layer_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, D] -> (x: [B, T, D], unweighted aux loss of a B mixer or None); updates ``cache``."""
+        h = self.mixer_norm(x)
+        aux = None
+        if isinstance(self.mixer, Mamba2Mixer):
+            state = cache.states[layer_idx] if cache is not None else None
+            mixed, state = self.mixer(h, state)
+            if cache is not None:
+                cache.states[layer_idx] = state
+        elif cache is None or cache.states[layer_idx] is None:
+            mixed, aux, state = self.mixer(h, want_state=cache is not None)
+            if cache is not None:
+                cache.states[layer_idx] = state
+        else:
+            start, state = cache.seen_tokens, cache.states[layer_idx]
+            mixed = torch.cat(
+                [self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])], dim=1
+            )
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), aux
+
+
+@dataclass
+class BmojoOutput(ModelOutput):
+    """Backbone output. ``aux_loss``: weighted innovation-predictor loss summed over B layers (zero if none)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: BmojoCache | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class BmojoCausalLMOutput(ModelOutput):
+    """``loss`` = next-token cross-entropy + ``aux_loss`` (what to backpropagate); both reported."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: BmojoCache | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class BmojoPreTrainedModel(PreTrainedModel):
+    config_class = BmojoConfig
+    config: BmojoConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["BmojoBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The model builds its own BmojoCache; a DynamicCache cannot hold SSM states or the eidetic memory.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Mamba2Mixer):
+            heads = module.num_heads
+            init.copy_(module.A_log, torch.log(torch.linspace(1, 16, heads)))
+            init.ones_(module.D)
+            lo, hi = module.dt_range
+            dt = torch.exp(torch.rand(heads) * (math.log(hi) - math.log(lo)) + math.log(lo))
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            init.zeros_(module.conv1d.bias)
+        # Residual-branch outputs scaled by depth (GPT-2) so deep stacks start near the identity.
+        scale = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+        for name in ("o_proj", "out_proj", "down_proj"):
+            proj = getattr(module, name, None)
+            if isinstance(proj, nn.Linear):
+                init.normal_(proj.weight, mean=0.0, std=scale)
+
+
+class BmojoModel(BmojoPreTrainedModel):
+    def __init__(self, config: BmojoConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BmojoBlock(config, letter) for letter in config.layer_letters)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: BmojoCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BmojoOutput:
+        """input_ids: [B, T] -> last_hidden_state [B, T, D]; with ``use_cache`` continues/returns ``cache``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "padded batches are not supported: B'MOJO's recurrent state and eidetic memory would absorb the "
+                "padding. Pack sequences to equal length, or run prompts of different lengths separately."
+            )
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if cache is not None and not isinstance(cache, BmojoCache):
+            raise TypeError(
+                f"cache must be a BmojoCache (from a previous output), got {type(cache).__name__}"
+            )
+        if use_cache and cache is None:
+            cache = BmojoCache(self.config)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for idx, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x, aux = self._gradient_checkpointing_func(block.__call__, x, None, idx)
+            else:
+                x, aux = block(x, cache, idx)
+            if aux is not None:
+                aux_total = aux_total + aux
+        if cache is not None:
+            cache.seen_tokens += x.shape[1]
+        return BmojoOutput(
+            last_hidden_state=self.norm(x),
+            cache=cache if use_cache else None,
+            aux_loss=aux_total * self.config.aux_loss_weight,
+        )
+
+
+class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BmojoConfig):
+        super().__init__(config)
+        self.model = BmojoModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=None, **kwargs):
+        # The cache holds everything already seen, so only the unseen tail of input_ids is fed.
+        if cache is not None and cache.seen_tokens:
+            input_ids = input_ids[:, cache.seen_tokens :]
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: BmojoCache | None = None,
+        use_cache: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> BmojoCausalLMOutput:
+        """input_ids, labels: [B, T] (labels unshifted; -100 ignored) -> logits [B, T, V] and losses."""
+        out = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            attention_mask=attention_mask,
+        )
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} must equal input shape {tuple(hidden.shape[:2])}"
+                )
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+            loss = lm_loss + out.aux_loss
+        return BmojoCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss)
