@@ -33,13 +33,9 @@ def _validate(src: torch.Tensor, index: torch.Tensor) -> None:
     if index.dim() != 2:
         raise ValueError(f"eidetic_gather: index must be [B, S], got shape {tuple(index.shape)}")
     if index.dtype != torch.int64:
-        raise TypeError(
-            f"eidetic_gather: index must be int64 (torch.long), got {index.dtype}; use index.long()"
-        )
+        raise TypeError(f"eidetic_gather: index must be int64 (torch.long), got {index.dtype}; use index.long()")
     if index.shape[0] != src.shape[0]:
-        raise ValueError(
-            f"eidetic_gather: batch sizes differ: src has B={src.shape[0]}, index has B={index.shape[0]}"
-        )
+        raise ValueError(f"eidetic_gather: batch sizes differ: src has B={src.shape[0]}, index has B={index.shape[0]}")
     if index.device != src.device:
         raise ValueError(f"eidetic_gather: index is on {index.device} but src is on {src.device}")
     # The range check reads the index on the host: affordable in eager mode, but on XLA it would force a

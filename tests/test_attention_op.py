@@ -1,0 +1,217 @@
+"""bmojo_attention: the blockwise torch backend against the dense naive reference, and the reference itself
+against a per-query key list built by hand from the visibility rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bmojo.ops.attention import bmojo_attention
+from bmojo.ops.attention_blockwise import exp_scores_and_lse, merge_attention_by_lse
+
+FLOAT_INPUTS = ("q", "k", "v", "fading_k", "fading_v", "mem_k", "mem_v")
+
+
+def make_inputs(
+    *,
+    length: int = 37,
+    query_heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 8,
+    window: int | None = 8,
+    fading: bool = True,
+    slots: int = 0,
+    mem_block: int = 8,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict:
+    """Random inputs for B=2; ``slots > 0`` adds memory with random positions and ~70% valid entries."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    inputs = {
+        "q": randn(2, length, query_heads, head_dim),
+        "k": randn(2, length, kv_heads, head_dim),
+        "v": randn(2, length, kv_heads, head_dim),
+        "window": window,
+    }
+    if fading:
+        inputs |= {"fading_k": randn(2, length, kv_heads, head_dim), "fading_v": randn(2, length, kv_heads, head_dim)}
+    if slots:
+        num_blocks = math.ceil(length / mem_block)
+        inputs |= {
+            "mem_k": randn(2, num_blocks, slots, kv_heads, head_dim),
+            "mem_v": randn(2, num_blocks, slots, kv_heads, head_dim),
+            "mem_pos": torch.randint(0, length, (2, num_blocks, slots), generator=generator),
+            "mem_valid": torch.rand(2, num_blocks, slots, generator=generator) < 0.7,
+            "mem_block": mem_block,
+        }
+    return inputs
+
+
+def run(backend: str, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and the gradients of every float input for a fixed random output gradient."""
+    leaves = {name: inputs[name].clone().requires_grad_(True) for name in FLOAT_INPUTS if name in inputs}
+    out = bmojo_attention(**(inputs | leaves), backend=backend)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True, materialize_grads=True)
+    return out, dict(zip(leaves, grads, strict=True))
+
+
+def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    """max |actual - expected| <= tolerance * max |expected| (scale-free, for low-precision comparisons)."""
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert error <= tolerance * max(scale, 1e-6), f"{what}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+CASES = {
+    "causal_full": dict(window=None, fading=False),
+    "causal_full_mqa": dict(window=None, fading=False, kv_heads=1),
+    "window_only": dict(fading=False),
+    "window_1": dict(window=1),
+    "fading": dict(),
+    "fading_mqa": dict(kv_heads=1),
+    "memory_no_fading": dict(fading=False, slots=6),
+    "fading_memory_qe8": dict(slots=6, mem_block=8),
+    "fading_memory_qe5_mqa": dict(slots=4, mem_block=5, kv_heads=1),
+    "fading_memory_qe13": dict(slots=3, mem_block=13, window=5),
+    "window_at_least_T": dict(window=40, slots=5, mem_block=16),
+    "window_equals_T_minus_1": dict(window=36, slots=5, mem_block=16),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torch_matches_naive_fp32(case: str) -> None:
+    inputs = make_inputs(**CASES[case])
+    out, grads = run("torch", inputs)
+    expected_out, expected_grads = run("naive", inputs)
+    assert out.shape == inputs["q"].shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"non-finite gradient of {name}"
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("case", ["causal_full", "fading", "fading_memory_qe5_mqa"])
+def test_torch_matches_naive_bf16(case: str) -> None:
+    # bf16 keeps 8 mantissa bits; the torch path also rounds scores and probabilities to bf16 before its
+    # matmuls, so agreement is to a few percent of each tensor's largest entry.
+    inputs = make_inputs(**CASES[case], dtype=torch.bfloat16)
+    out, grads = run("torch", inputs)
+    expected_out, expected_grads = run("naive", inputs)
+    assert out.dtype == torch.bfloat16
+    assert_relative_close(out, expected_out, 3e-2, "output")
+    for name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16
+        assert_relative_close(grad, expected_grads[name], 5e-2, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+@pytest.mark.parametrize("invisible", ["all_invalid", "inside_window"])
+def test_invisible_memory_changes_nothing(backend: str, invisible: str) -> None:
+    inputs = make_inputs(slots=4, mem_block=8)
+    if invisible == "all_invalid":
+        inputs["mem_valid"] = torch.zeros_like(inputs["mem_valid"])
+    else:
+        # Every entry of block c sits at the block's last position: inside the window (w = Q_e) of its queries.
+        block_ends = (torch.arange(inputs["mem_pos"].shape[1]) * 8 + 7).clamp(max=36)
+        inputs["mem_pos"] = block_ends[None, :, None].expand_as(inputs["mem_pos"]).clone()
+    without_memory = {name: inputs[name] for name in ("q", "k", "v", "window", "fading_k", "fading_v")}
+    out, grads = run(backend, inputs)
+    expected_out, expected_grads = run("naive", without_memory)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads["mem_k"], torch.zeros_like(grads["mem_k"]))
+    assert torch.equal(grads["mem_v"], torch.zeros_like(grads["mem_v"]))
+
+
+def test_naive_matches_hand_built_key_list() -> None:
+    length, window, mem_block, scale = 21, 4, 5, 0.3
+    inputs = make_inputs(length=length, window=window, slots=3, mem_block=mem_block, seed=7)
+    out = bmojo_attention(**inputs, scale=scale, backend="naive")
+    group = 2  # query heads per kv head
+    for batch, t, head in [(0, 0, 0), (1, 3, 1), (0, 9, 2), (1, 14, 3), (0, 20, 0), (1, 17, 2)]:
+        kv_head = head // group
+        keys, values = [], []
+        for j in range(length):
+            if t - window + 1 <= j <= t:
+                keys.append(inputs["k"][batch, j, kv_head])
+                values.append(inputs["v"][batch, j, kv_head])
+            if t - 2 * window + 1 <= j <= t - window:
+                keys.append(inputs["fading_k"][batch, j, kv_head])
+                values.append(inputs["fading_v"][batch, j, kv_head])
+        block = t // mem_block
+        for slot in range(3):
+            valid = bool(inputs["mem_valid"][batch, block, slot])
+            if valid and int(inputs["mem_pos"][batch, block, slot]) < t - window + 1:
+                keys.append(inputs["mem_k"][batch, block, slot, kv_head])
+                values.append(inputs["mem_v"][batch, block, slot, kv_head])
+        query = inputs["q"][batch, t, head].double()
+        logits = [scale * float(query @ key.double()) for key in keys]
+        top = max(logits)
+        weights = [math.exp(logit - top) for logit in logits]
+        expected = sum(w * value.double() for w, value in zip(weights, values, strict=True)) / sum(weights)
+        torch.testing.assert_close(out[batch, t, head].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_by_lse_equals_softmax_over_union() -> None:
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 5, 3, 12, generator=generator, dtype=torch.float64)  # [B, T, H, L]
+    values = torch.randn(2, 5, 3, 12, 4, generator=generator, dtype=torch.float64)  # one value per key
+    in_first = torch.rand(2, 5, 3, 12, generator=generator) < 0.5
+    in_first[0, 0] = True  # query (0, 0) has an empty second set; (0, 1) an empty first set
+    in_first[0, 1] = False
+    parts = []
+    for visible in (in_first, ~in_first):
+        exp_scores, denominator, lse = exp_scores_and_lse(scores.clone(), visible)
+        parts.append(((exp_scores.unsqueeze(-1) * values).sum(-2) / denominator, lse))
+    merged, merged_lse = merge_attention_by_lse([o for o, _ in parts], [lse for _, lse in parts])
+    expected = (torch.softmax(scores, -1).unsqueeze(-1) * values).sum(-2)
+    torch.testing.assert_close(merged, expected)
+    torch.testing.assert_close(merged_lse, torch.logsumexp(scores, -1))
+    assert parts[1][1][0, 0].eq(float("-inf")).all() and parts[0][1][0, 1].eq(float("-inf")).all()
+
+
+def test_empty_key_sets_give_finite_gradients() -> None:
+    scores = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    visible = torch.tensor([[True] * 6, [False] * 6, [True, False] * 3])
+    exp_scores, denominator, lse = exp_scores_and_lse(scores * 1.0, visible)
+    probs = exp_scores / denominator
+    assert torch.equal(probs[1], torch.zeros(6, dtype=torch.float64)) and lse[1] == float("-inf")
+    torch.testing.assert_close(probs[0], torch.softmax(scores[0], -1))
+    (probs.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+    assert torch.isfinite(scores.grad).all() and torch.equal(scores.grad[1], torch.zeros(6, dtype=torch.float64))
+
+
+def test_auto_backend_matches_explicit_torch() -> None:
+    inputs = make_inputs(slots=2)
+    torch.testing.assert_close(bmojo_attention(**inputs), bmojo_attention(**inputs, backend="torch"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(window=None), "fading keys need a window"),
+        (dict(fading_v=None), "fading_k and fading_v together"),
+        (dict(window=0), "window must be a positive int"),
+        (dict(k=torch.zeros(2, 37, 3, 8)), "multiple of key/value heads"),
+        (dict(v=torch.zeros(2, 36, 2, 8)), r"v must be \[B, T, Hkv, D\]"),
+        (dict(q=torch.zeros(2, 37, 4)), r"q must be \[B, T, Hq, D\]"),
+        (dict(fading_k=torch.zeros(2, 37, 2, 8, dtype=torch.float64)), "has dtype torch.float64"),
+        (dict(mem_block=5), r"NB=ceil\(T/mem_block\)=8"),
+        (dict(mem_pos=None), "missing \\['mem_pos'\\]"),
+        (dict(mem_pos=torch.zeros(2, 5, 2, dtype=torch.int32)), "mem_pos must be int64"),
+        (dict(mem_valid=torch.ones(2, 5, 2, dtype=torch.uint8)), "mem_valid must be bool"),
+        (dict(mem_valid=torch.ones(2, 5, 3, dtype=torch.bool)), r"mem_valid must be \[B, NB, M\]"),
+    ],
+)
+def test_rejects_bad_input(change: dict, message: str) -> None:
+    inputs = make_inputs(slots=2) | change
+    with pytest.raises((ValueError, TypeError), match=message):
+        bmojo_attention(**inputs)
