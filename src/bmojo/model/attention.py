@@ -58,11 +58,10 @@ class AttentionMixer(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
         self.ssm = Mamba2Mixer(config) if letter in "FB" else None
-        if self.ssm is not None and not config.tie_fading_proj:
-            self.fading_k_proj = nn.Linear(d, hkv, bias=False)
-            self.fading_v_proj = nn.Linear(d, hkv, bias=False)
-        else:
-            self.fading_k_proj, self.fading_v_proj = self.k_proj, self.v_proj
+        # Fading keys/values reuse k_proj/v_proj unless untied (then these own projections exist).
+        untied = self.ssm is not None and not config.tie_fading_proj
+        self.fading_k_proj = nn.Linear(d, hkv, bias=False) if untied else None
+        self.fading_v_proj = nn.Linear(d, hkv, bias=False) if untied else None
         self.predictor = InnovationPredictor(d, config.innovation_rank) if letter == "B" else None
         if self.predictor is not None:
             self.memory_size = config.memory_size
@@ -77,6 +76,11 @@ class AttentionMixer(nn.Module):
         if self.k_norm is not None:
             k = self.k_norm(k)
         return self.rope(k, positions), v
+
+    def _fading_keys(self, s: torch.Tensor, positions: torch.Tensor):
+        if self.fading_k_proj is None:
+            return self._keys(self.k_proj, self.v_proj, s, positions)
+        return self._keys(self.fading_k_proj, self.fading_v_proj, s, positions)
 
     def _queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q = self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim))
@@ -98,7 +102,7 @@ class AttentionMixer(nn.Module):
             state = AttentionState(keys=k[:, -keep:], values=v[:, -keep:])
         if self.ssm is not None:
             s, ssm_state = self.ssm(h)
-            fk, fv = self._keys(self.fading_k_proj, self.fading_v_proj, s, positions)
+            fk, fv = self._fading_keys(s, positions)
             extra.update(fading_k=fk, fading_v=fv)
             if state is not None:
                 keep = 2 * self.window
@@ -118,8 +122,7 @@ class AttentionMixer(nn.Module):
                 num_query_blocks=length // self.memory_block + 1,
             )
             gathered_k, gathered_v = (
-                eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:])
-                for t in (k, v)
+                eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:]) for t in (k, v)
             )
             extra.update(
                 mem_k=gathered_k[:, :num_blocks],
@@ -154,7 +157,7 @@ class AttentionMixer(nn.Module):
         key_sets = [(state.keys, state.values, None)]
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-            fk, fv = self._keys(self.fading_k_proj, self.fading_v_proj, s, pos)
+            fk, fv = self._fading_keys(s, pos)
             state.fading_keys = torch.cat([state.fading_keys, fk], dim=1)[:, -2 * self.window :]
             state.fading_values = torch.cat([state.fading_values, fv], dim=1)[:, -2 * self.window :]
             held = state.fading_keys.shape[1]
@@ -186,9 +189,7 @@ class AttentionMixer(nn.Module):
         return self.o_proj(out.flatten(2))
 
 
-def attend_one(
-    q: torch.Tensor, key_sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-) -> torch.Tensor:
+def attend_one(q: torch.Tensor, key_sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """One softmax of a single query over several key sets.
 
     q: [B, 1, Hq, Dh]; each key set is (keys [B, L, Hkv, Dh], values [B, L, Hkv, Dh], visible [B, L] or None

@@ -43,9 +43,7 @@ class Mamba2Mixer(nn.Module):
             self.num_heads,
         )
         self.in_proj = nn.Linear(self.hidden_size, sum(self.in_proj_segments), bias=False)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True
-        )
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))

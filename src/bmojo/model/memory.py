@@ -79,15 +79,11 @@ def select_memory(
     stream = torch.zeros(batch, flat_pos.shape[1] + 1, dtype=torch.long, device=iota.device)
     stream.scatter_(1, slot, flat_pos)
     per_block = accepted.long().sum(-1)  # [B, NB]
-    before = torch.cat(
-        [per_block.new_zeros(batch, 1), per_block.cumsum(-1)], dim=-1
-    )  # accepted in blocks < c
+    before = torch.cat([per_block.new_zeros(batch, 1), per_block.cumsum(-1)], dim=-1)  # accepted in blocks < c
     blocks = torch.arange(num_query_blocks, device=iota.device).clamp(max=num_blocks)
     stream_rank = before[:, blocks, None] - memory_size + torch.arange(memory_size, device=iota.device)
     valid = stream_rank >= 0
-    positions = stream.gather(1, stream_rank.clamp(min=0).flatten(1)).view(
-        batch, num_query_blocks, memory_size
-    )
+    positions = stream.gather(1, stream_rank.clamp(min=0).flatten(1)).view(batch, num_query_blocks, memory_size)
     return positions, valid
 
 

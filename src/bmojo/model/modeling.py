@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from bmojo.config import BmojoConfig
 from bmojo.model.attention import AttentionMixer, AttentionState
-from bmojo.model.layers import RMSNorm, SwiGLU
+from bmojo.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 
 
@@ -74,9 +74,7 @@ class BmojoBlock(nn.Module):
                 cache.states[layer_idx] = state
         else:
             start, state = cache.seen_tokens, cache.states[layer_idx]
-            mixed = torch.cat(
-                [self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])], dim=1
-            )
+            mixed = torch.cat([self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])], dim=1)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), aux
 
@@ -124,6 +122,8 @@ class BmojoPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             init.zeros_(module.conv1d.bias)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.frequencies())
         # Residual-branch outputs scaled by depth (GPT-2) so deep stacks start near the identity.
         scale = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         for name in ("o_proj", "out_proj", "down_proj"):
@@ -166,9 +166,7 @@ class BmojoModel(BmojoPreTrainedModel):
             )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if cache is not None and not isinstance(cache, BmojoCache):
-            raise TypeError(
-                f"cache must be a BmojoCache (from a previous output), got {type(cache).__name__}"
-            )
+            raise TypeError(f"cache must be a BmojoCache (from a previous output), got {type(cache).__name__}")
         if use_cache and cache is None:
             cache = BmojoCache(self.config)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -240,11 +238,7 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             if labels.shape != hidden.shape[:2]:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} must equal input shape {tuple(hidden.shape[:2])}"
-                )
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input shape {tuple(hidden.shape[:2])}")
+            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
             loss = lm_loss + out.aux_loss
         return BmojoCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss)

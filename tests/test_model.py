@@ -1,0 +1,220 @@
+"""The model family: parallel == recurrent decoding, causal eidetic selection, aux loss, HF integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import bmojo.model.attention as attention_module
+from bmojo import BmojoCache, BmojoConfig, BmojoForCausalLM
+
+VOCAB = 97
+
+
+def tiny_config(pattern: str, layers: int = 2, **overrides) -> BmojoConfig:
+    fields = dict(
+        layer_pattern=pattern,
+        num_hidden_layers=layers,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        window_size=8,
+        memory_size=6,
+        memory_topk=2,
+        ssm_head_dim=16,
+        ssm_state_size=8,
+        ssm_num_groups=2,
+        ssm_chunk_size=16,
+        vocab_size=VOCAB,
+    )
+    fields.update(overrides)
+    return BmojoConfig(**fields)
+
+
+def build(config: BmojoConfig, seed: int = 0) -> BmojoForCausalLM:
+    torch.manual_seed(seed)
+    return BmojoForCausalLM(config).eval()
+
+
+# T = 45 with w = Q_e = 8: five complete memory blocks; k = 2 accepted per block at threshold 0 is 10 entries,
+# more than M = 6, so the memory evicts.
+SEQ_LEN = 45
+CASES = [("A", {}), ("W", {}), ("M", {}), ("F", {}), ("F", {"tie_fading_proj": False, "qk_norm": True})]
+CASES += [("B", {"memory_threshold": 0.0}), ("B", {"innovation_rank": 8, "memory_block": 5})]
+CASES += [("MWFBA", {"memory_threshold": 0.0})]
+
+
+@pytest.mark.parametrize("pattern,overrides", CASES)
+def test_token_by_token_decoding_matches_parallel_forward(pattern, overrides):
+    config = tiny_config(pattern, layers=max(2, len(pattern)), **overrides)
+    model = build(config)
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        cache, stepwise = None, []
+        for t in range(SEQ_LEN):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            stepwise.append(out.logits)
+        prefill = model(ids[:, :21], use_cache=True)
+        cache, continued = prefill.cache, [prefill.logits]
+        for t in range(21, SEQ_LEN):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            continued.append(out.logits)
+    assert cache.seen_tokens == SEQ_LEN
+    torch.testing.assert_close(torch.cat(stepwise, 1), parallel, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(continued, 1), parallel, atol=1e-4, rtol=0)
+    if "B" in pattern and overrides.get("memory_threshold") == 0.0:
+        memory = next(s.memory for s in cache.states if getattr(s, "memory", None) is not None)
+        assert bool(memory.valid.all()), "the memory should be full, so the test covers eviction"
+        assert int(memory.positions.min()) > 0, "the oldest entries should have been evicted"
+
+
+def test_recurrent_state_size_is_constant_for_windowed_letters():
+    model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0))
+    ids = torch.randint(0, VOCAB, (1, 60))
+
+    def state_numel(cache: BmojoCache) -> int:
+        total = 0
+        for state in cache.states:
+            for value in vars(state).values():
+                tensors = vars(value).values() if hasattr(value, "__dataclass_fields__") else [value]
+                total += sum(t.numel() for t in tensors if isinstance(t, torch.Tensor))
+        return total
+
+    with torch.no_grad():
+        cache = model(ids[:, :24], use_cache=True).cache
+        # Compare at the same phase of the memory block, so the unfinished block holds as many tokens.
+        for t in range(24, 40):
+            cache = model(ids[:, t : t + 1], cache=cache, use_cache=True).cache
+        early = state_numel(cache)
+        for t in range(40, 56):
+            cache = model(ids[:, t : t + 1], cache=cache, use_cache=True).cache
+    assert state_numel(cache) == early
+
+
+def captured_memory(model: BmojoForCausalLM, ids: torch.Tensor, monkeypatch) -> dict:
+    """Run a forward pass and return the memory arguments the B layer handed to the attention op."""
+    seen = {}
+    original = attention_module.bmojo_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.update({name: kwargs[name] for name in ("mem_k", "mem_v", "mem_pos", "mem_valid")})
+        return original(q, k, v, **kwargs)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(attention_module, "bmojo_attention", recording)
+        model(ids, use_cache=False)
+    return seen
+
+
+def test_eidetic_selection_is_causal(monkeypatch):
+    config = tiny_config("B", layers=1, memory_threshold=0.0)
+    model = build(config)
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(3))
+    block = config.memory_block
+    for last_kept_block in (1, 3):
+        changed = ids.clone()
+        cut = (last_kept_block + 1) * block
+        changed[:, cut:] = (changed[:, cut:] + 1 + torch.arange(48 - cut)) % VOCAB
+        before = captured_memory(model, ids, monkeypatch)
+        after = captured_memory(model, changed, monkeypatch)
+        rows = slice(0, last_kept_block + 1)
+        for name, value in before.items():
+            assert torch.equal(value[:, rows], after[name][:, rows]), name
+        # The change must be visible to later blocks, else the test would prove nothing.
+        assert any(not torch.equal(value, after[name]) for name, value in before.items())
+
+
+def test_aux_loss_trains_only_the_predictor():
+    model = build(tiny_config("B", layers=2)).train()
+    ids = torch.randint(0, VOCAB, (2, 40))
+    out = model(ids, labels=ids)
+    assert out.aux_loss.item() > 0
+    out.aux_loss.backward(retain_graph=True)
+    for name, param in model.named_parameters():
+        touched = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        assert touched == (".predictor." in name), name
+    model.zero_grad(set_to_none=True)
+    (out.loss - out.aux_loss).backward()
+    for name, param in model.named_parameters():
+        if ".predictor." in name:
+            assert param.grad is None or bool((param.grad == 0).all()), name
+
+
+def test_loss_ignores_minus_100_and_matches_manual_cross_entropy():
+    model = build(tiny_config("W"))
+    ids = torch.randint(0, VOCAB, (2, 20))
+    labels = ids.clone()
+    labels[:, :7] = -100
+    out = model(ids, labels=labels)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, 6:-1].reshape(-1, VOCAB), ids[:, 7:].reshape(-1))
+    torch.testing.assert_close(out.loss - out.aux_loss, manual)
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tmp_path):
+    model = build(tiny_config("MWFB", layers=4, tie_fading_proj=False))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is BmojoForCausalLM
+    ids = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_tied_word_embeddings_share_storage(tmp_path):
+    model = build(tiny_config("W", tie_word_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("pattern", ["B", "MWFBA"])
+def test_generate_with_and_without_cache_agree(pattern):
+    model = build(tiny_config(pattern, layers=max(2, len(pattern)), memory_threshold=0.0))
+    prompt = torch.randint(0, VOCAB, (2, 11))
+    kwargs = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 41)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_auto_config_builds_a_small_valid_model():
+    config = AutoConfig.for_model("bmojo", layer_pattern="B")
+    assert isinstance(config, BmojoConfig)
+    model = AutoModelForCausalLM.from_config(config)
+    out = model(torch.randint(0, config.vocab_size, (1, 70)), labels=torch.randint(0, config.vocab_size, (1, 70)))
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"layer_pattern": "BX"}, "layer_pattern"),
+        ({"layer_pattern": ""}, "layer_pattern"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"ssm_head_dim": 48}, "ssm_head_dim"),
+        ({"ssm_num_groups": 3}, "ssm_num_groups"),
+        ({"memory_topk": 9}, "memory_topk"),
+        ({"memory_size": 0}, "memory_size"),
+        ({"window_size": 0}, "window_size"),
+        ({"innovation_rank": 1000}, "innovation_rank"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"BmojoConfig.{field}"):
+        tiny_config("B", **overrides)
+
+
+def test_padded_attention_mask_is_rejected_with_a_clear_error():
+    model = build(tiny_config("M"))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padded batches are not supported"):
+        model(torch.zeros(2, 10, dtype=torch.long), attention_mask=mask)
