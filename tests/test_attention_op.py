@@ -99,16 +99,16 @@ def test_torch_matches_naive_fp32(case: str) -> None:
 
 @pytest.mark.parametrize("case", ["causal_full", "fading", "fading_memory_qe5_mqa"])
 def test_torch_matches_naive_bf16(case: str) -> None:
-    # bf16 keeps 8 mantissa bits; the torch path also rounds scores and probabilities to bf16 before its
-    # matmuls, so agreement is to a few percent of each tensor's largest entry.
+    # bf16 keeps 8 mantissa bits and the torch path rounds scaled queries and softmax weights to bf16 before
+    # its matmuls: agreement to 2% of each tensor's largest entry (measured: under 0.8%).
     inputs = make_inputs(**CASES[case], dtype=torch.bfloat16)
     out, grads = run("torch", inputs)
     expected_out, expected_grads = run("naive", inputs)
     assert out.dtype == torch.bfloat16
-    assert_relative_close(out, expected_out, 3e-2, "output")
+    assert_relative_close(out, expected_out, 2e-2, "output")
     for name, grad in grads.items():
         assert grad.dtype == torch.bfloat16
-        assert_relative_close(grad, expected_grads[name], 5e-2, f"gradient of {name}")
+        assert_relative_close(grad, expected_grads[name], 2e-2, f"gradient of {name}")
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
