@@ -1,0 +1,1 @@
+"""Console scripts: ``bmojo-train``, ``bmojo-eval``, ``bmojo-export``, ``bmojo-generate``."""

@@ -1,0 +1,54 @@
+"""Data pipeline (DESIGN §7): documents → tokenizer → packed blocks → resumable, rank-sharded batches."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import PreTrainedTokenizerBase
+
+from bmojo.data.config import DataConfig, DataSource
+from bmojo.data.corpus import CorpusReport, DataError, load_documents, stdlib_documents
+from bmojo.data.loader import BlockLoader, eval_batches
+from bmojo.data.packing import PackedData, pack_documents
+from bmojo.data.tokenizer import END_OF_TEXT, build_tokenizer, byte_tokenizer, load_pretrained_tokenizer, train_bpe
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "END_OF_TEXT",
+    "BlockLoader",
+    "CorpusReport",
+    "DataConfig",
+    "DataSource",
+    "DataError",
+    "PackedData",
+    "build_tokenizer",
+    "byte_tokenizer",
+    "eval_batches",
+    "load_documents",
+    "load_pretrained_tokenizer",
+    "pack_documents",
+    "prepare_data",
+    "stdlib_documents",
+    "train_bpe",
+]
+
+
+def prepare_data(
+    config: DataConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> tuple[PreTrainedTokenizerBase, PackedData]:
+    """Load, tokenize (training a tokenizer unless one is given) and pack the configured corpus."""
+    documents, report = load_documents(config, seed)
+    logger.info("corpus: %s", report.summary())
+    if tokenizer is None:
+        texts = (text for batch in documents.iter(batch_size=256) for text in batch["text"])
+        tokenizer = build_tokenizer(config.tokenizer, texts, config.bpe_vocab_size)
+    packed = pack_documents(documents, tokenizer, config.seq_len, config.val_fraction)
+    logger.info(
+        "packed %s tokens: %d training and %d held-out blocks of %d",
+        f"{packed.tokens:,}",
+        len(packed.train),
+        len(packed.val),
+        config.seq_len,
+    )
+    return tokenizer, packed

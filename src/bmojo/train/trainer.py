@@ -1,0 +1,334 @@
+"""The training loop: accumulation, clipping, bf16 autocast, validation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.data import BlockLoader, PackedData, eval_batches, prepare_data
+from bmojo.train.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    TrainingState,
+    latest_checkpoint,
+    load_model_and_tokenizer,
+    load_training_state,
+    save_checkpoint,
+)
+from bmojo.train.config import ModelConfig, Resume, RunConfig
+from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state
+from bmojo.train.export import export_model, generate_sample
+from bmojo.train.metrics import MetricsLog
+from bmojo.train.schedule import lr_multiplier
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    step: int
+    initial_val_loss: float | None  # None when the run resumed past step 0
+    final_val_loss: float
+    skipped_steps: int
+    stopped_early: bool  # stopped by a signal before max_steps
+    checkpoint: Path | None
+    export_dir: Path | None = None
+    sample: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_model(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> BmojoForCausalLM:
+    """A freshly initialised model; ``vocab_size: null`` becomes the tokenizer's size, padded up."""
+    fields = asdict(model_config)
+    multiple = fields.pop("pad_vocab_multiple")
+    if fields["vocab_size"] is None:
+        fields["vocab_size"] = multiple * math.ceil(len(tokenizer) / multiple)
+    if fields["vocab_size"] < len(tokenizer):
+        raise ValueError(
+            f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} entries); "
+            "set model.vocab_size=null to size it from the tokenizer"
+        )
+    eos = tokenizer.eos_token_id
+    config = BmojoConfig(**fields, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id or eos, pad_token_id=eos)
+    return BmojoForCausalLM(config)
+
+
+class Trainer:
+    """Trains one run in ``run_dir`` as ``config`` says, resuming from its latest checkpoint when asked."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, config_yaml: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.config_yaml = config_yaml or OmegaConf.to_yaml(OmegaConf.structured(config))
+        self.checkpoint_root = self.run_dir / CHECKPOINTS
+        self._stop_signal: str | None = None
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.config
+        if (
+            cfg.parallel.engine != "single"
+            or max(
+                cfg.parallel.data_parallel_size, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+            )
+            > 1
+        ):
+            raise ValueError(
+                f"parallel={cfg.parallel} asks for several processes, which this build does not run yet; "
+                "use parallel=single"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = select_device(cfg.backend)
+        seed_everything(cfg.seed)
+        resume_from = self._resume_folder()
+        tokenizer, model = None, None
+        if resume_from is not None:
+            model, tokenizer = load_model_and_tokenizer(resume_from)
+        elif cfg.trainer.init_from:
+            model, tokenizer = load_model_and_tokenizer(cfg.trainer.init_from)
+            logger.info("fine-tuning from %s", cfg.trainer.init_from)
+        started = time.perf_counter()
+        self.tokenizer, self.data = prepare_data(cfg.data, cfg.seed, tokenizer)
+        self.timings = {"data_s": time.perf_counter() - started}
+        self.model = (model or build_model(cfg.model, self.tokenizer)).to(self.device)
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} entries but the model only {self.model.config.vocab_size}"
+            )
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.max_steps)
+        )
+        self.loader = BlockLoader(
+            self.data.train, cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps, cfg.seed, cfg.data.shuffle
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard)
+        if resume_from is not None:
+            self._restore(resume_from)
+        (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        parameters = sum(p.numel() for p in self.model.parameters())
+        logger.info("model %s: %s parameters on %s", self.model.config.layer_pattern, f"{parameters:,}", self.device)
+
+    def _resume_folder(self) -> Path | None:
+        found = latest_checkpoint(self.checkpoint_root)
+        mode = self.config.trainer.resume
+        if found is None and mode == Resume.must:
+            raise CheckpointError(f"trainer.resume=must but {self.checkpoint_root} holds no checkpoint")
+        if found is not None and mode == Resume.never:
+            raise CheckpointError(
+                f"{self.run_dir} already holds checkpoints and trainer.resume=never; pick another run folder "
+                "(hydra.run.dir=...) or set trainer.resume=auto to continue it"
+            )
+        if found is not None:
+            logger.info("resuming from %s", found)
+        return found
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        if optim.name != "adamw":
+            raise ValueError(f"optim.name={optim.name!r} is not supported; use adamw")
+        # Matrices decay; norms, biases and the SSM's per-head scalars (A_log, D, dt_bias) do not.
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=self.device.type != "cpu"
+        )
+
+    def _restore(self, folder: Path) -> None:
+        state = load_training_state(folder, self.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        trainer = state.trainer
+        self.step = int(trainer["step"])
+        self.tokens_seen = int(trainer["tokens_seen"])
+        self.skipped_steps = int(trainer["skipped_steps"])
+        self.nonfinite_in_a_row = int(trainer["nonfinite_in_a_row"])
+        self.loader.load_state_dict(trainer["data_cursors"][self.loader.rank])
+        set_rng_state(trainer["rng"])
+        self.metrics.truncate_after(self.step)
+
+    def _save(self) -> Path:
+        state = TrainingState(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            trainer={
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "data_cursors": {self.loader.rank: self.loader.state_dict()},
+                "rng": rng_state(),
+            },
+        )
+        return save_checkpoint(
+            self.checkpoint_root,
+            self.step,
+            self.model,
+            self.tokenizer,
+            state,
+            self.config_yaml,
+            self.config.trainer.keep_last,
+        )
+
+    # ---------------------------------------------------------------- steps
+    @torch.no_grad()
+    def evaluate(self, data: PackedData | None = None) -> float:
+        """Mean next-token loss (without the auxiliary loss) over the held-out blocks."""
+        data = data or self.data
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in eval_batches(data.val, self.config.trainer.micro_batch_size, self.config.trainer.eval_batches):
+            batch = batch.to(self.device)
+            with autocast(self.device, self.config.trainer.precision):
+                out = self.model(batch, labels=batch)
+            total += float(out.loss - out.aux_loss) * batch.shape[0]
+            count += batch.shape[0]
+        self.model.train(was_training)
+        return total / count
+
+    def _train_step(self) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; None when it was skipped."""
+        step_blocks = self.loader.next_step().to(self.device)
+        accum = step_blocks.shape[0]
+        lm_loss, aux_loss = 0.0, 0.0
+        finite = True
+        for micro in step_blocks:
+            with autocast(self.device, self.config.trainer.precision):
+                out = self.model(micro, labels=micro)
+            (out.loss / accum).backward()
+            loss_value, aux_value = float(out.loss), float(out.aux_loss)
+            finite = finite and math.isfinite(loss_value)
+            lm_loss += (loss_value - aux_value) / accum
+            aux_loss += aux_value / accum
+        max_norm = self.config.trainer.max_grad_norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf))
+        lr = self.scheduler.get_last_lr()[0]
+        if finite and math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += step_blocks.numel()
+        if not (finite and math.isfinite(grad_norm)):
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            return None
+        self.nonfinite_in_a_row = 0
+        return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr}
+
+    # ---------------------------------------------------------------- loop
+    def _request_stop(self, signum: int, frame: object) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self._stop_signal = signal.Signals(signum).name
+        tqdm.write(f"{self._stop_signal}: finishing this step, saving a checkpoint and exiting")
+
+    def fit(self) -> TrainSummary:
+        """Train to ``trainer.max_steps`` (or until SIGTERM / Ctrl-C) and return what happened."""
+        self._setup()
+        cfg = self.config.trainer
+        previous_handlers = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous_handlers[signum] = signal.signal(signum, self._request_stop)
+            except ValueError:  # not the main thread: leave signals to the caller
+                break
+        try:
+            return self._loop(cfg)
+        finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            self.metrics.close()
+
+    def _loop(self, cfg) -> TrainSummary:
+        initial_val = None
+        if self.step == 0:
+            initial_val = self.evaluate()
+            self.metrics.write(0, val_loss=initial_val)
+            tqdm.write(f"validation loss before training: {initial_val:.4f}")
+        self.model.train()
+        checkpoint = None
+        tokens_per_step = self.loader.global_batch * self.data.seq_len
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, unit="step", desc="train")
+        window_start, window_steps = time.perf_counter(), 0
+        started = time.perf_counter()
+        while self.step < cfg.max_steps and self._stop_signal is None:
+            result = self._train_step()
+            bar.update(1)
+            window_steps += 1
+            if result is None:
+                if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"the loss or gradient was not finite for {self.nonfinite_in_a_row} steps in a row (last at "
+                        f"step {self.step}, {self.skipped_steps} skipped in all); lower optim.lr, keep "
+                        "trainer.max_grad_norm set, or check the data. The last good checkpoint is in "
+                        f"{self.checkpoint_root}"
+                    )
+                tqdm.write(f"step {self.step}: non-finite loss or gradient, update skipped")
+                continue
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                self.metrics.write(
+                    self.step, **result, tokens=self.tokens_seen, tokens_per_s=tokens_per_s, skipped=self.skipped_steps
+                )
+                bar.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                val = self.evaluate()
+                self.metrics.write(self.step, val_loss=val)
+                tqdm.write(f"step {self.step}: validation loss {val:.4f}")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                checkpoint = self._save()
+        bar.close()
+        self.timings["train_s"] = time.perf_counter() - started
+        if checkpoint is None or not checkpoint.name.endswith(f"{self.step:08d}"):
+            checkpoint = self._save()
+        final_val = self.evaluate()
+        self.metrics.write(self.step, val_loss=final_val)
+        stopped_early = self.step < cfg.max_steps
+        summary = TrainSummary(
+            run_dir=self.run_dir,
+            step=self.step,
+            initial_val_loss=initial_val,
+            final_val_loss=final_val,
+            skipped_steps=self.skipped_steps,
+            stopped_early=stopped_early,
+            checkpoint=checkpoint,
+            timings=self.timings,
+        )
+        if stopped_early:
+            tqdm.write(f"stopped at step {self.step} ({self._stop_signal}); checkpoint {checkpoint}; rerun to resume")
+            return summary
+        if cfg.export_at_end:
+            summary.export_dir = export_model(self.model, self.tokenizer, self.run_dir / "export")
+        if cfg.sample_tokens > 0:
+            summary.sample = generate_sample(
+                self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=self.config.seed
+            )
+        return summary
