@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import bmojo.model.attention as attention_module
 from bmojo import BmojoCache, BmojoConfig, BmojoForCausalLM
+from bmojo.ops import set_default_backend
 
 VOCAB = 97
 
@@ -218,3 +219,21 @@ def test_padded_attention_mask_is_rejected_with_a_clear_error():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="padded batches are not supported"):
         model(torch.zeros(2, 10, dtype=torch.long), attention_mask=mask)
+
+
+def test_model_gradients_agree_between_naive_and_torch_kernels():
+    model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0)).train()
+    ids = torch.randint(0, VOCAB, (2, 37))
+    results = {}
+    for backend in ("naive", "torch"):
+        set_default_backend(backend)
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            results[backend] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        finally:
+            set_default_backend("auto")
+    torch.testing.assert_close(results["torch"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["naive"][1].items():
+        torch.testing.assert_close(results["torch"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
