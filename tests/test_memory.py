@@ -22,7 +22,9 @@ def reference_memory(scores: list[float], block: int, topk: int, threshold: floa
     return memories
 
 
-@pytest.mark.parametrize("length,block,topk,threshold,size", [(45, 8, 2, 0.0, 6), (40, 5, 3, 0.5, 4), (7, 8, 2, 0.3, 3)])
+@pytest.mark.parametrize(
+    "length,block,topk,threshold,size", [(45, 8, 2, 0.0, 6), (40, 5, 3, 0.5, 4), (7, 8, 2, 0.3, 3)]
+)
 def test_select_memory_matches_the_rule(length, block, topk, threshold, size):
     generator = torch.Generator().manual_seed(length)
     # Few distinct values force ties; values straddle the threshold so some candidates are rejected.
