@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -24,6 +23,5 @@ def user_errors(program: str) -> Iterator[None]:
     except USER_ERRORS as error:
         if os.environ.get("BMOJO_DEBUG"):
             raise
-        logging.getLogger(program).error("%s", error)
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(1)

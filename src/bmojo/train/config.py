@@ -100,6 +100,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    steps_this_run: int | None = None  # stop cleanly (with a checkpoint) after this many steps, e.g. a job's time slot
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0

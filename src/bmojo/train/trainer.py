@@ -276,7 +276,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, unit="step", desc="train")
         window_start, window_steps = time.perf_counter(), 0
         started = time.perf_counter()
-        while self.step < cfg.max_steps and self._stop_signal is None:
+        stop_at = cfg.max_steps if cfg.steps_this_run is None else min(cfg.max_steps, self.step + cfg.steps_this_run)
+        while self.step < stop_at and self._stop_signal is None:
             result = self._train_step()
             bar.update(1)
             window_steps += 1
@@ -323,7 +324,8 @@ class Trainer:
             timings=self.timings,
         )
         if stopped_early:
-            tqdm.write(f"stopped at step {self.step} ({self._stop_signal}); checkpoint {checkpoint}; rerun to resume")
+            reason = self._stop_signal or "trainer.steps_this_run reached"
+            tqdm.write(f"stopped at step {self.step} ({reason}); checkpoint {checkpoint}; rerun to resume")
             return summary
         if cfg.export_at_end:
             summary.export_dir = export_model(self.model, self.tokenizer, self.run_dir / "export")
