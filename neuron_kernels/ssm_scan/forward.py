@@ -1,0 +1,181 @@
+"""Forward NKI kernel of the chunked SSM scan (DESIGN §2.1). Derivation and tiling: README.md here.
+
+Per batch row the sequence is cut into chunks of Q <= 128 steps (the last one shorter when Q does not
+divide T: its tiles are simply Q_c rows tall). Time sits on partitions for inputs and outputs; the state
+of every head is kept transposed, Sᵀ [N, P], in SBUF from chunk to chunk.
+"""
+
+from __future__ import annotations
+
+from neuron_kernels.nki_compat import nisa, nki, nl
+from neuron_kernels.ssm_scan.tiles import (
+    F32,
+    Masks,
+    broadcast_vector,
+    combined,
+    exp_of_matmul,
+    load,
+    scaled,
+    transpose,
+)
+from neuron_kernels.ssm_scan.tiles import matmul as matmul_to_sbuf
+
+MAX_TILE = 128
+
+
+def check_shapes(x, B, chunk_size: int) -> None:
+    """Tile limits of the kernels: Q, P, N <= 128 (partition dimension), G divides H."""
+    heads, head_dim = x.shape[2], x.shape[3]
+    groups, state_dim = B.shape[2], B.shape[3]
+    if not 1 <= chunk_size <= MAX_TILE:
+        raise ValueError(f"ssm_scan nki kernel: chunk_size must be in [1, {MAX_TILE}], got {chunk_size}")
+    if head_dim > MAX_TILE or state_dim > MAX_TILE:
+        raise ValueError(
+            f"ssm_scan nki kernel: head_dim P = {head_dim} and state N = {state_dim} must be <= {MAX_TILE}"
+        )
+    if heads % groups != 0:
+        raise ValueError(f"ssm_scan nki kernel: groups G = {groups} must divide heads H = {heads}")
+
+
+def load_state_transposed(initial_state, b: int, h: int, state_dim: int, head_dim: int):
+    """Sᵀ [N, P] of head h: the initial state transposed, or zeros."""
+    if initial_state is None:
+        state = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.sbuf)
+        nisa.memset(dst=state, value=0.0)
+        return state
+    return transpose(load(initial_state[b, h], head_dim, state_dim))
+
+
+def skip_matrices(D, heads: int, chunk: int, masks: Masks):
+    """Per head the [Q, Q] tile D_h * I: one extra accumulating matmul adds D_h x_t to y."""
+    if D is None:
+        return None
+    d_columns = broadcast_vector(D, chunk, masks)
+    return [scaled(masks.identity[0:chunk, 0:chunk], d_columns[:, h : h + 1]) for h in range(heads)]
+
+
+@nki.jit
+def ssm_scan_fwd(x, dt, A, B, C, D, initial_state, chunk_size):
+    """y, final_state of the scan.
+
+    x [Bt, T, H, P], dt [Bt, T, H], A [H], B/C [Bt, T, G, N], D [H] or None, initial_state [Bt, H, P, N] or
+    None -> y [Bt, T, H, P] (x's dtype), final_state [Bt, H, P, N] fp32.
+    """
+    batch, time, heads, head_dim = x.shape
+    state_dim = B.shape[3]
+    check_shapes(x, B, chunk_size)
+    chunk = min(chunk_size, time)
+    y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    final_state = nl.ndarray((batch, heads, head_dim, state_dim), dtype=F32, buffer=nl.shared_hbm)
+    masks = Masks(max(chunk, state_dim))
+    a_columns = broadcast_vector(A, chunk, masks)
+    skips = skip_matrices(D, heads, chunk, masks)
+    for b in range(batch):
+        states = [load_state_transposed(initial_state, b, h, state_dim, head_dim) for h in range(heads)]
+        for start in range(0, time, chunk):
+            _forward_chunk(x, dt, B, C, y, b, start, min(chunk, time - start), states, skips, a_columns, masks)
+        for h in range(heads):
+            nisa.dma_copy(dst=final_state[b, h], src=transpose(states[h]))
+    return y, final_state
+
+
+def chunk_decays(dt_all, a_columns, length: int, partitions: int, masks: Masks):
+    """Per chunk, all heads at once: log decays a [Q_c, H], exp(l_t) [Q_c, H], exp(l_end) [partitions, H].
+
+    l_t = Σ_{u <= t} a_u is an upper-triangular ones matmul (no cumulative-sum instruction needed);
+    l_end lands on every partition through a ones stationary, ready to scale Sᵀ [N, P] or S [P, N].
+    """
+    log_decay = combined(dt_all, a_columns[0:length, :], nl.multiply)
+    decay_in = exp_of_matmul(masks.upper[0:length, 0:length], log_decay)
+    decay_total = exp_of_matmul(masks.ones[0:length, 0:partitions], log_decay)
+    return log_decay, decay_in, decay_total
+
+
+def intra_chunk_decay(log_decay_column, length: int, masks: Masks):
+    """L[s, t] = exp(Σ_{s < u <= t} a_u) for t >= s, 0 above: [Q_c, Q_c] with source s on partitions.
+
+    The segment sums come from one matmul, Σ_u [u > s] (a_u [u <= t]), so no difference of two large
+    cumulative sums loses precision; exp sees only values <= 0 on the kept triangle.
+    """
+    weighted_upper = scaled(masks.upper[0:length, 0:length], log_decay_column)
+    decay = exp_of_matmul(masks.strict_lower[0:length, 0:length], weighted_upper)
+    masked = nl.ndarray((length, length), dtype=F32, buffer=nl.sbuf)
+    nisa.affine_select(
+        dst=masked,
+        pattern=[[1, length]],
+        offset=0,
+        channel_multiplier=-1,
+        on_true_tile=decay,
+        on_false_value=0.0,
+        cmp_op=nl.greater_equal,
+    )
+    return masked
+
+
+class ChunkInputs:
+    """The tiles of one chunk shared by all heads: x [Q_c, H*P], dt [Q_c, H] and their decays."""
+
+    def __init__(self, x, dt, b: int, start: int, length: int, a_columns, decay_partitions: int, masks: Masks):
+        heads, head_dim = x.shape[2], x.shape[3]
+        self.length, self.head_dim = length, head_dim
+        self.x = load(x[b, start : start + length], length, heads * head_dim)
+        self.dt = load(dt[b, start : start + length], length, heads)
+        self.log_decay, self.decay_in, self.decay_total = chunk_decays(
+            self.dt, a_columns, length, decay_partitions, masks
+        )
+
+    def x_head(self, h: int):
+        return self.x[:, h * self.head_dim : (h + 1) * self.head_dim]
+
+    def decay_to_end(self, masks: Masks):
+        """exp(l_end - l_s) = exp(Σ_{u > s} a_u) [Q_c, H], the weight of step s in the chunk's end state."""
+        return exp_of_matmul(masks.strict_lower[0 : self.length, 0 : self.length], self.log_decay)
+
+
+class GroupInputs:
+    """B, C [Q_c, N], their transposes [N, Q_c] and the scores B_s·C_t [s, t] of group g, shared by its heads."""
+
+    def __init__(self, B, C, b: int, start: int, length: int, g: int) -> None:
+        state_dim = B.shape[3]
+        self.b = load(B[b, start : start + length, g], length, state_dim)
+        self.c = load(C[b, start : start + length, g], length, state_dim)
+        self.b_transposed = transpose(self.b)
+        self.c_transposed = transpose(self.c)
+        self.scores = matmul_to_sbuf(self.b_transposed, self.c_transposed)
+
+
+def _forward_chunk(x, dt, B, C, y, b, start, length, states, skips, a_columns, masks):
+    """Advance every head of batch row b over steps [start, start + length); writes y, updates ``states``."""
+    heads, head_dim = x.shape[2], x.shape[3]
+    groups, state_dim = B.shape[2], B.shape[3]
+    per_group = heads // groups
+    chunk = ChunkInputs(x, dt, b, start, length, a_columns, state_dim, masks)
+    y_all = nl.ndarray((length, heads * head_dim), dtype=y.dtype, buffer=nl.sbuf)
+    for g in range(groups):
+        group = GroupInputs(B, C, b, start, length, g)
+        for h in range(g * per_group, (g + 1) * per_group):
+            skip = None if skips is None else skips[h][0:length, 0:length]
+            _forward_head(chunk, group, h, skip, states, y_all[:, h * head_dim : (h + 1) * head_dim], masks)
+    nisa.dma_copy(dst=y[b, start : start + length], src=y_all)
+
+
+def _forward_head(chunk: ChunkInputs, group: GroupInputs, h, skip, states, y_h, masks):
+    """One head of one chunk: y_h [Q_c, P] <- diagonal + off-diagonal + skip terms; Sᵀ_h advanced."""
+    length, head_dim, state_dim = chunk.length, chunk.head_dim, group.b.shape[1]
+    x_h = chunk.x_head(h)
+    decay = intra_chunk_decay(chunk.log_decay[:, h : h + 1], length, masks)
+    mixing = combined(decay, group.scores, nl.multiply)  # M[s, t] = L[s, t] B_s·C_t
+    u_h = scaled(x_h, chunk.dt[:, h : h + 1])  # u_s = dt_s x_s
+    y_psum = nl.ndarray((length, head_dim), dtype=F32, buffer=nl.psum)
+    nisa.nc_matmul(dst=y_psum, stationary=mixing, moving=u_h)  # Σ_s M[s, t] u_s
+    if skip is not None:
+        nisa.nc_matmul(dst=y_psum, stationary=skip, moving=x_h)  # + D_h x_t, same accumulation group
+    off_psum = nl.ndarray((length, head_dim), dtype=F32, buffer=nl.psum)
+    nisa.nc_matmul(dst=off_psum, stationary=group.c_transposed, moving=states[h])  # C_t · S_prev rows
+    nisa.tensor_tensor(dst=y_h, data1=scaled(off_psum, chunk.decay_in[:, h : h + 1]), data2=y_psum, op=nl.add)
+    # Sᵀ_new = exp(l_end) Sᵀ_prev + Σ_s exp(l_end - l_s) B_s u_sᵀ; the last column of L is exp(l_end - l_s).
+    weighted_b = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=weighted_b, data=group.b, op0=nl.multiply, operand0=decay[:, length - 1 : length])
+    state_psum = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.psum)
+    nisa.nc_matmul(dst=state_psum, stationary=weighted_b, moving=u_h)
+    states[h] = combined(scaled(states[h], chunk.decay_total[0:state_dim, h : h + 1]), state_psum, nl.add)
