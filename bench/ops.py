@@ -112,16 +112,10 @@ def print_table(results: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--json", type=Path, default=Path("bench/results/ops.json"), help="where to write results"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/ops.json"), help="where to write results")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (median is reported)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sizes = parser.add_argument_group("ssm_scan sizes")
     sizes.add_argument("--batch", type=int, default=2)
     sizes.add_argument("--seq-len", type=int, default=2048)

@@ -45,9 +45,7 @@ def make_inputs(
     return {name: tensor.to(dtype) for name, tensor in inputs.items()}
 
 
-def run_with_grads(
-    inputs: dict, backend: str, chunk_size: int = 64, seed: int = 1
-) -> dict[str, torch.Tensor]:
+def run_with_grads(inputs: dict, backend: str, chunk_size: int = 64, seed: int = 1) -> dict[str, torch.Tensor]:
     """y, final_state and the gradient of every tensor input under random cotangents of y and final_state."""
     leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items() if t is not None}
     kwargs = {name: leaves.get(name) for name in INPUT_NAMES}
@@ -56,17 +54,13 @@ def run_with_grads(
     grad_y = torch.randn(y.shape, generator=generator).to(y.dtype)
     grad_state = torch.randn(final_state.shape, generator=generator)
     grads = torch.autograd.grad((y, final_state), list(leaves.values()), (grad_y, grad_state))
-    return {"y": y, "final_state": final_state} | {
-        f"grad_{name}": g for name, g in zip(leaves, grads, strict=True)
-    }
+    return {"y": y, "final_state": final_state} | {f"grad_{name}": g for name, g in zip(leaves, grads, strict=True)}
 
 
 def assert_all_close(actual: dict, reference: dict, tolerance: float) -> None:
     assert actual.keys() == reference.keys()
     errors = {name: relative_error(actual[name], reference[name]) for name in reference}
-    assert all(error <= tolerance for error in errors.values()), (
-        f"relative errors above {tolerance}: {errors}"
-    )
+    assert all(error <= tolerance for error in errors.values()), f"relative errors above {tolerance}: {errors}"
 
 
 @pytest.mark.parametrize("heads,groups", [(4, 2), (4, 1)], ids=["G<H", "G=1"])
@@ -110,9 +104,7 @@ def test_strong_decay_stays_finite_and_exact():
 
 def test_naive_matches_two_steps_by_hand():
     inputs = make_inputs(batch=1, time=2, heads=2, head_dim=3, state_dim=4, groups=1)
-    x, dt, A, B, C, D, h0 = (
-        inputs[name][0] if name not in ("A", "D") else inputs[name] for name in INPUT_NAMES
-    )
+    x, dt, A, B, C, D, h0 = (inputs[name][0] if name not in ("A", "D") else inputs[name] for name in INPUT_NAMES)
     y, final_state = ssm_scan(**inputs, backend="naive")
     for h in range(2):
         state = h0[h]
@@ -128,12 +120,8 @@ def test_split_sequence_carries_state(backend):
     inputs = make_inputs(time=90)
     whole_y, whole_state = ssm_scan(**inputs, chunk_size=16, backend=backend)
     split = 41
-    first = {
-        name: t[:, :split] if t.dim() >= 3 and name != "initial_state" else t for name, t in inputs.items()
-    }
-    second = {
-        name: t[:, split:] if t.dim() >= 3 and name != "initial_state" else t for name, t in inputs.items()
-    }
+    first = {name: t[:, :split] if t.dim() >= 3 and name != "initial_state" else t for name, t in inputs.items()}
+    second = {name: t[:, split:] if t.dim() >= 3 and name != "initial_state" else t for name, t in inputs.items()}
     first_y, carried = ssm_scan(**first, chunk_size=16, backend=backend)
     second_y, final_state = ssm_scan(**(second | {"initial_state": carried}), chunk_size=16, backend=backend)
     torch.testing.assert_close(torch.cat([first_y, second_y], dim=1), whole_y, rtol=1e-5, atol=1e-5)
@@ -155,6 +143,10 @@ def _replace(name: str, make):
     return mutate
 
 
+def _with_three_groups(inputs: dict) -> dict:
+    return inputs | {name: inputs[name][:, :, :1].expand(-1, -1, 3, -1) for name in ("B", "C")}
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [
@@ -164,12 +156,7 @@ def _replace(name: str, make):
         (_replace("A", lambda t: t[:-1]), "A must be"),
         (_replace("B", lambda t: t[:1]), "B must be"),
         (_replace("C", lambda t: t[..., :-1]), "C must have B's shape"),
-        (
-            lambda i: (
-                i | {"B": i["B"][:, :, :1].expand(-1, -1, 3, -1), "C": i["C"][:, :, :1].expand(-1, -1, 3, -1)}
-            ),
-            "must divide",
-        ),
+        (_with_three_groups, "must divide"),
         (_replace("D", lambda t: t[:2]), "D must be"),
         (_replace("initial_state", lambda t: t[..., :-1]), "initial_state must be"),
         (_replace("x", lambda t: t.long()), "x must be a floating-point tensor"),

@@ -73,9 +73,7 @@ def _check_inputs(x, dt, A, B, C, D, initial_state, chunk_size) -> None:
     if A.shape != (heads,):
         fail(f"A must be [heads] = ({heads},), got {tuple(A.shape)}")
     if B.dim() != 4 or B.shape[:2] != (batch, time):
-        fail(
-            f"B must be [batch, time, groups, state] with batch, time = {(batch, time)}, got {tuple(B.shape)}"
-        )
+        fail(f"B must be [batch, time, groups, state] with batch, time = {(batch, time)}, got {tuple(B.shape)}")
     if C.shape != B.shape:
         fail(f"C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
     groups, state_dim = B.shape[2:]

@@ -101,9 +101,7 @@ class ChunkedScan(torch.autograd.Function):
         grad_read_out = grad_y * torch.exp(prefix).unsqueeze(-1)
         grad_entering = torch.einsum("bgrcqp,bgcqn->bgrcpn", _per_group(grad_read_out, groups), C)
         grad_entering = grad_entering.flatten(1, 2)
-        grad_C = torch.einsum(
-            "bgrcqp,bgrcpn->bgcqn", _per_group(grad_read_out, groups), _per_group(entering, groups)
-        )
+        grad_C = torch.einsum("bgrcqp,bgrcpn->bgcqn", _per_group(grad_read_out, groups), _per_group(entering, groups))
         grad_prefix = (grad_y * y_off).sum(dim=-1)
 
         # The chunk scan, backwards: state_grad is dL/dH_c.
