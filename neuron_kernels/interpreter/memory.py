@@ -177,8 +177,9 @@ class Allocation:
 class Tensor:
     """A view of an allocation: flat element ``offset``, ``shape`` and element ``strides``.
 
-    ``indirect`` holds (index view, indirect dim, kind) for ``.ap(vector_offset=...)`` and
-    ``.ap(scalar_offset=...)`` accesses, whose addresses are known only when the instruction runs.
+    ``indirect`` holds (index view, indirect dim, kind, shape of the tensor .ap() was called on) for
+    ``.ap(vector_offset=...)`` and ``.ap(scalar_offset=...)`` accesses, whose addresses are known only when
+    the instruction runs; indices count in rows of that tensor and must lie inside it.
     """
 
     def __init__(self, allocation, offset, shape, strides, indirect=None) -> None:
@@ -272,8 +273,8 @@ class Tensor:
         """Access pattern ``[[step, num], ...]`` from ``offset`` elements past this view's start (DESIGN §4).
 
         ``vector_offset`` (an SBUF [num_0, 1] int tile) replaces the index of dim 0 by a per-row index into
-        the base tensor's dim 0; ``scalar_offset`` (an SBUF [1, 1] int tile) shifts the start by that many
-        rows of ``indirect_dim`` of the base tensor (NKI "Access Patterns" guide and migration guide).
+        dim 0 of this tensor; ``scalar_offset`` (an SBUF [1, 1] int tile) shifts the start by that many
+        rows of ``indirect_dim`` of this tensor (NKI "Access Patterns" guide and migration guide).
         """
         if dtype is not None and dtype != self.dtype:
             raise NkiInterpreterError("the interpreter does not model reinterpreting dtypes in .ap(dtype=...)")
@@ -294,11 +295,11 @@ class Tensor:
         if vector_offset is not None:
             if indirect_dim != 0:
                 raise HardwareRuleError("vector_offset supports only indirect_dim=0 (NKI migration guide)")
-            indirect = (_index_tile(vector_offset, (pattern[0][1], 1), "vector_offset"), 0, "vector")
+            indirect = (_index_tile(vector_offset, (pattern[0][1], 1), "vector_offset"), 0, "vector", self.shape)
         elif scalar_offset is not None:
-            if not 0 <= indirect_dim < len(base.shape):
-                raise NkiInterpreterError(f"indirect_dim {indirect_dim} is not a dimension of {base.shape}")
-            indirect = (_index_tile(scalar_offset, (1, 1), "scalar_offset"), indirect_dim, "scalar")
+            if not 0 <= indirect_dim < len(self.shape):
+                raise NkiInterpreterError(f"indirect_dim {indirect_dim} is not a dimension of {self.shape}")
+            indirect = (_index_tile(scalar_offset, (1, 1), "scalar_offset"), indirect_dim, "scalar", self.shape)
         shape = tuple(num for _, num in pattern)
         strides = tuple(step for step, _ in pattern)
         return Tensor(base, self.offset + int(offset), shape, strides, indirect)
@@ -324,26 +325,26 @@ class Tensor:
                     f"access {self!r} (offset {self.offset}, strides {self.strides}) leaves its tensor"
                 )
             return index, None
-        index_view, dim, kind = self.indirect
+        index_view, dim, kind, indexed_shape = self.indirect
         rows = read(index_view).astype(np.int64).reshape(-1)
-        row_stride = math.prod(base.shape[dim + 1 :])
+        row_stride = math.prod(indexed_shape[dim + 1 :])
         if kind == "vector":
             static = self.static_indices() - (np.arange(self.shape[0]) * self.strides[0]).reshape(
                 (-1,) + (1,) * (len(self.shape) - 1)
             )
             index = static + (rows * row_stride).reshape((-1,) + (1,) * (len(self.shape) - 1))
-            row_valid = (rows >= 0) & (rows < base.shape[0])
+            row_valid = (rows >= 0) & (rows < indexed_shape[0])
             valid = np.broadcast_to(row_valid.reshape((-1,) + (1,) * (len(self.shape) - 1)), self.shape)
         else:
             index = self.static_indices() + rows[0] * row_stride
-            valid = np.full(self.shape, 0 <= rows[0] < base.shape[dim])
+            valid = np.full(self.shape, 0 <= rows[0] < indexed_shape[dim])
         valid = valid & (index >= 0) & (index < base.size)
         if not valid.all():
             if not oob_skip:
                 bad = sorted(set(rows[~row_valid].tolist()))[:8] if kind == "vector" else rows.tolist()
                 raise OutOfBoundsError(
-                    f"indirect access into {base.name!r} (shape {base.shape}) is out of bounds for indices {bad}; "
-                    "fix the indices or pass oob_mode=nisa.oob_mode.skip"
+                    f"indirect access into {base.name!r} (indexed as {indexed_shape}) is out of bounds for "
+                    f"indices {bad}; fix the indices or pass oob_mode=nisa.oob_mode.skip"
                 )
             return np.where(valid, index, 0), valid
         return index, None
