@@ -26,7 +26,9 @@ from neuron_kernels.interpreter.memory import (
     PSUM_MATMUL,
     Tensor,
     current_machine,
+    load_elements,
     read,
+    store_elements,
     write,
 )
 
@@ -214,31 +216,32 @@ def dma_copy(
             raise HardwareRuleError("dma_copy: with dst_rmw_op on an indirect access only oob_mode.error is allowed")
     machine = current_machine()
     if machine.execute:
-        values = read(src, oob_skip=skip).reshape(-1).astype(np.float32)
-        if dst_rmw_op is None:
-            write(dst, values.reshape(dst.shape), oob_skip=skip)
-        else:
-            _scatter_add(dst, values, unique_indices)
+        _move(dst, src, dst_rmw_op is not None, unique_indices, skip)
     sbuf_side = next((t.partitions for t in (dst, src) if t.buffer == "sbuf"), None)
     num_bytes = count * max(dtypes.itemsize(src.dtype), dtypes.itemsize(dst.dtype)) * (2 if dst_rmw_op else 1)
     kind = "dma_scatter_add" if dst_rmw_op is not None else "dma_gather" if indirect else "dma_copy"
     machine.stats.record("DMA", kind, num_bytes, seconds=cost.dma_seconds(num_bytes, sbuf_side))
 
 
-def _scatter_add(dst: Tensor, values: np.ndarray, unique_indices: bool) -> None:
-    base = dst.allocation
-    index, _ = dst.element_indices()
-    index = index.reshape(-1)
-    targets, inverse = np.unique(index, return_inverse=True)
-    if unique_indices and len(targets) != len(index):
+def _move(dst: Tensor, src: Tensor, accumulate: bool, unique_indices: bool, skip: bool) -> None:
+    """Element i of src (C order) to element i of dst; with ``skip``, pairs with an out-of-bounds side are dropped."""
+    src_index, src_valid = src.element_indices(oob_skip=skip)
+    dst_index, dst_valid = dst.element_indices(oob_skip=skip)
+    src_index, dst_index = src_index.reshape(-1), dst_index.reshape(-1)
+    keep = np.ones(len(src_index), dtype=bool)
+    for valid in (src_valid, dst_valid):
+        if valid is not None:
+            keep &= valid.reshape(-1)
+    values = load_elements(src.allocation, src_index[keep])
+    if not accumulate:
+        store_elements(dst.allocation, dst_index[keep], values)
+        return
+    targets, inverse = np.unique(dst_index[keep], return_inverse=True)
+    if unique_indices and len(targets) != int(keep.sum()):
         raise HardwareRuleError("dma_copy: indices repeat but unique_indices=True; pass unique_indices=False")
-    if not base.written[targets].all():
-        raise NkiInterpreterError(f"dma_copy: read-modify-write of never-written elements of {base.name!r}")
     sums = np.zeros(len(targets), dtype=np.float32)
-    np.add.at(sums, inverse, values)
-    if base.read_only:
-        raise NkiInterpreterError(f"dma_copy: kernel input {base.name!r} is read-only")
-    base.data[targets] = dtypes.round_to(base.data[targets].astype(np.float32) + sums, base.dtype)
+    np.add.at(sums, inverse, values.astype(np.float32))
+    store_elements(dst.allocation, targets, load_elements(dst.allocation, targets) + sums)
 
 
 def tensor_copy(dst, src, engine=engine.unknown, name=None):

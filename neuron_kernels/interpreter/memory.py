@@ -358,37 +358,37 @@ def _index_tile(tile: Tensor, expected: tuple[int, int], what: str) -> Tensor:
     return tile
 
 
-def read(view: Tensor, oob_skip: bool = False) -> np.ndarray:
-    """The view's values (float32 for float dtypes); raises if any element was never written."""
-    base = view.allocation
-    index, valid = view.element_indices(oob_skip)
-    written = base.written[index] if valid is None else base.written[index] | ~valid
+def load_elements(base: Allocation, index: np.ndarray) -> np.ndarray:
+    """Values at flat ``index`` (float32 for float dtypes); raises if any of them was never written."""
+    written = base.written[index]
     if not written.all():
-        missing = int((~written).sum())
         raise UninitializedReadError(
-            f"read of {missing} never-written element(s) of {base.name!r} ({base.buffer}, shape {base.shape}) "
-            f"through view shape {view.shape}; write them first (new buffers hold NaN)"
+            f"read of {int((~written).sum())} never-written element(s) of {base.name!r} ({base.buffer}, "
+            f"shape {base.shape}); write them first (new buffers hold NaN)"
         )
     values = base.data[index]
-    if dtypes.is_float(base.dtype):
-        values = values.astype(np.float32)
-    if valid is not None:
-        values = np.where(valid, values, 0)
-    return values
+    return values.astype(np.float32) if dtypes.is_float(base.dtype) else values
 
 
-def write(view: Tensor, values: np.ndarray, psum_state: int = PSUM_ENGINE, oob_skip: bool = False) -> None:
-    """Store ``values`` (broadcast to the view's shape) rounded to the view's dtype."""
-    base = view.allocation
+def store_elements(base: Allocation, index: np.ndarray, values: np.ndarray, psum_state: int = PSUM_ENGINE) -> None:
+    """Store ``values`` at flat ``index``, rounded to the allocation's dtype, and mark them written."""
     if base.read_only:
         raise NkiInterpreterError(
             f"kernel input {base.name!r} is read-only; allocate outputs with nl.ndarray(..., buffer=nl.shared_hbm)"
         )
-    index, valid = view.element_indices(oob_skip)
-    values = np.broadcast_to(np.asarray(values), view.shape)
-    if valid is not None:
-        index, values = index[valid], values[valid]
     base.data[index] = dtypes.round_to(values, base.dtype)
     base.written[index] = True
     if base.buffer == "psum":
         base.psum_state[index] = psum_state
+
+
+def read(view: Tensor) -> np.ndarray:
+    """The view's values, shape ``view.shape``."""
+    index, _ = view.element_indices()
+    return load_elements(view.allocation, index)
+
+
+def write(view: Tensor, values: np.ndarray, psum_state: int = PSUM_ENGINE) -> None:
+    """Store ``values`` (broadcast to the view's shape) into the view."""
+    index, _ = view.element_indices()
+    store_elements(view.allocation, index, np.broadcast_to(np.asarray(values), view.shape), psum_state)
