@@ -1,0 +1,63 @@
+"""Scenarios run on every rank by ``harness.launch``; each asserts its own rank's share against one process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from harness import MAX_GRAD_NORM, STEPS, clone_model, make_optimizer, reference_training, step_batches, tiny_model
+
+from bmojo.parallel import Layout, TorchEngine
+from bmojo.parallel.tensor_parallel import tensor_parallel_local
+
+TOLERANCE = 1e-5
+# AdamW divides each update by the root of its own squared gradient, so an element whose gradient is near zero
+# turns a rounding difference (summation order across ranks) into a visible weight difference.
+WEIGHT_TOLERANCE = 1e-4
+
+
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: float = TOLERANCE) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = max(1.0, expected.abs().max().item())
+    assert error <= tolerance * scale, f"rank {dist.get_rank()} {name}: max |diff| {error:.3g}"
+
+
+def _expected_local(engine: TorchEngine, name: str, full: torch.Tensor) -> torch.Tensor:
+    spec = engine.plan.spec(name)
+    if engine.tp_mesh is None or not spec.sharded:
+        return full
+    return spec.local(full, engine.tp_rank, engine.layout.tensor_parallel)
+
+
+def compare_training(layout: dict, patterns: list[str], batch: int) -> None:
+    """Train each pattern STEPS steps under ``layout`` and on one process: the losses and gradients of every
+    step and of the model after them agree within 1e-5, and so do the weights (within 1e-4, see above).
+    """
+    layout = Layout(**layout)
+    for pattern in patterns:
+        model = tiny_model(pattern)
+        reference = clone_model(model)
+        history = reference_training(reference, layout.microbatches, batch)
+        engine = TorchEngine(layout)
+        engine.parallelize(model)
+        optimizer = make_optimizer(list(engine.parameters()))
+        share = batch // layout.data_parallel
+        for step, (lm, aux, norm, grads) in enumerate(history):
+            batches = step_batches(step, layout.microbatches, batch)
+            losses = engine.train_step(batches[:, engine.dp_rank * share : (engine.dp_rank + 1) * share])
+            assert abs(losses.lm_loss - lm) <= TOLERANCE, f"{pattern} step {step}: loss {losses.lm_loss} vs {lm}"
+            assert abs(losses.aux_loss - aux) <= TOLERANCE, f"{pattern} step {step}: aux {losses.aux_loss} vs {aux}"
+            seen = 0
+            for name, param in engine.named_parameters():
+                _close(f"{pattern} step {step} grad {name}", tensor_parallel_local(param.grad), _expected_local(engine, name, grads[name]))
+                seen += 1
+            assert seen > 0
+            got_norm = engine.clip_grad_norm_(MAX_GRAD_NORM)
+            assert abs(got_norm - norm) <= TOLERANCE * max(1.0, norm), f"{pattern} step {step}: norm {got_norm} vs {norm}"
+            if step < STEPS:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        expected = dict(reference.named_parameters())
+        for name, param in engine.named_parameters():
+            local, full = tensor_parallel_local(param.detach()), expected[name].detach()
+            _close(f"{pattern} weight {name}", local, _expected_local(engine, name, full), WEIGHT_TOLERANCE)
