@@ -72,7 +72,6 @@ def test_text_jsonl_and_parquet_files_load_as_documents(tmp_path):
     config = files_config(tmp_path / "a.txt", tmp_path / "*.jsonl", tmp_path / "c.parquet", text_field="body")
     with pytest.raises(DataError, match="no column 'body'"):
         load_documents(config, seed=0)  # the text file's column is "text"
-    config.text_field = "text"
     documents, _ = load_documents(files_config(tmp_path / "a.txt"), seed=0)
     assert documents["text"] == ["first document\nstill the first\n"]
     config = files_config(tmp_path / "b.jsonl", tmp_path / "c.parquet", text_field="body", shuffle=False)

@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from bmojo.data.config import DataConfig, DataSource
 
@@ -152,9 +153,22 @@ class RunConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
 
 
+class MissingSettingError(ValueError):
+    """A recipe left a value for the user to give on the command line."""
+
+
+def _required(key: str, hint: str) -> None:
+    raise MissingSettingError(f"this recipe needs {key}=... on the command line: {hint}")
+
+
 def register_configs() -> None:
-    """Register the schema so recipes can name it as ``base_config`` in their defaults list."""
+    """Register the schema as ``base_config`` and the ``${required:key,hint}`` resolver recipes use.
+
+    A recipe writes ``${required:...}`` (not ``???``, which a merge onto a schema default ignores) for a
+    value only the user can give; reading it unset fails with the hint.
+    """
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    OmegaConf.register_new_resolver("required", _required, replace=True)
 
 
 def recipes_dir() -> Path:

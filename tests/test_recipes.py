@@ -1,0 +1,81 @@
+"""Recipes: every option composes, the schema rejects typos, sizes line up across the family."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from bmojo import BmojoConfig
+from bmojo.data import byte_tokenizer
+from bmojo.train import DeviceError, build_model, recipes_dir, train
+from bmojo.train.config import ModelConfig
+
+FAMILY = ["A", "W", "M", "MW", "F", "B"]
+SIZES = {"130m": 130e6, "370m": 370e6, "790m": 790e6, "1.4b": 1.4e9}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_model_schema_matches_bmojo_config():
+    accepted = set(inspect.signature(BmojoConfig.__init__).parameters)
+    extra = {f.name for f in fields(ModelConfig)} - accepted
+    assert extra == {"pad_vocab_multiple"}  # consumed by the trainer, not the model
+
+
+def test_every_family_member_exists_at_every_size():
+    assert set(options("model")) == {f"{member}_{size}" for member in FAMILY for size in [*SIZES, "tiny"]}
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_family_members_of_one_size_have_comparable_parameter_counts(compose_recipe, size):
+    tokenizer = byte_tokenizer()
+    for member in FAMILY:
+        config = OmegaConf.to_object(compose_recipe([f"model={member}_{size}", "model.vocab_size=50304"]))
+        with torch.device("meta"):
+            model = build_model(config.model, tokenizer)
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / SIZES[size] - 1) < 0.03, f"{member}_{size}: {count:,} parameters"
+        assert model.config.window_size == 2048 and set(model.config.layer_pattern) == set(member)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_preset_composes(compose_recipe, experiment):
+    config = compose_recipe([f"experiment={experiment}"])
+    assert config.name == experiment
+    assert OmegaConf.to_yaml(config)
+
+
+def test_presets_that_need_user_input_say_which_key(compose_recipe):
+    with pytest.raises(InterpolationResolutionError, match="needs trainer.init_from=... on the command line"):
+        OmegaConf.to_object(compose_recipe(["experiment=finetune_custom", "data.paths=[x.jsonl]"]))
+    with pytest.raises(InterpolationResolutionError, match="needs data.paths=..."):
+        OmegaConf.to_object(compose_recipe(["experiment=finetune_custom", "trainer.init_from=x"]))
+    trn1 = compose_recipe(["experiment=pretrain_1.4b_trn1"])
+    assert trn1.backend.device.value == "xla" and trn1.model.hidden_size == 2048 and trn1.data.seq_len == 2048
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_stpes=3", "Could not override 'trainer.max_stpes'"),
+        ("trainer.max_steps=many", "Error merging override trainer.max_steps=many"),
+        ("trainer.precision=fp8", "Error merging override trainer.precision=fp8"),
+        ("model=B_huge", "Could not find 'model/B_huge'"),
+    ],
+)
+def test_typos_and_wrong_types_fail_at_composition(compose_recipe, override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose_recipe([override])
+
+
+def test_trn1_backend_fails_clearly_without_the_neuron_stack(tiny_config):
+    with pytest.raises(DeviceError, match="torch-xla"):
+        train(tiny_config("backend=trn1"))
