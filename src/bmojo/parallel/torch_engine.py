@@ -147,16 +147,19 @@ class TorchEngine:
             else:
                 flat = batches.flatten(0, 1)
                 inputs = (flat,) if self.stage.is_first else ()
-                self._schedule.step(*inputs, target=flat if self.stage.is_last else None)
+                self._schedule.step(*inputs, target=flat if self.stage.is_last else None, return_outputs=False)
         self._finish_gradients()
         return self._step_losses()
 
     def _step_losses(self) -> StepLosses:
         sums = torch.zeros(2, dtype=torch.float64)
-        if self._recorded:
-            for lm, aux in self._recorded:
-                sums += torch.stack([lm.double().cpu(), aux.double().cpu()])
-            sums /= len(self._recorded)
+        # The pipeline's first step also calls the loss on placeholder outputs to size its buffers: the step's
+        # own losses are the last ``microbatches`` recorded.
+        recorded = self._recorded[-self.layout.microbatches :]
+        for lm, aux in recorded:
+            sums += torch.stack([lm.double().cpu(), aux.double().cpu()])
+        if recorded:
+            sums /= len(recorded)
         if self.layout.pipeline_parallel > 1:
             # Only the last stage computed the loss: it reaches the other stages by a sum over the pipeline.
             dist.all_reduce(sums, group=self.mesh["pp"].get_group())
