@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from bmojo.ops import ssm_scan
+from neuron_kernels import nki_compat
 from neuron_kernels.interpreter import run_kernel
 from neuron_kernels.ssm_scan.backward import ssm_scan_bwd
 from neuron_kernels.ssm_scan.forward import ssm_scan_fwd
+from neuron_kernels.ssm_scan.selective_scan import selective_scan_fwd
 
 # Largest allowed max|nki - naive| / max|naive| per compared tensor, by input dtype. fp32: summation-order
 # noise over a few hundred steps. bf16: both sides compute in fp32 from the same bf16 inputs and round their
@@ -85,6 +87,7 @@ def test_several_groups_and_batch_rows_without_skip_or_initial_state():
     assert_matches_naive(inputs, 32, torch.float32)
 
 
+@pytest.mark.skipif(not nki_compat.USING_INTERPRETER, reason="memory high-water marks come from the interpreter")
 def test_kernels_fit_on_chip_memory():
     """One chunk of the largest tiles (Q = P = N = 128): PSUM banks and SBUF stay within NeuronCore-v2."""
     inputs = make_inputs(1, 128, heads=2, groups=1, head_dim=128, state_dim=128, dtype=torch.float32)
@@ -96,6 +99,30 @@ def test_kernels_fit_on_chip_memory():
         assert run.peak_psum_banks <= 8
         assert run.peak_sbuf_bytes_per_partition <= 192 * 1024
         assert run.stats.engines["TensorE"].instructions > 0
+
+
+@pytest.mark.skipif(not nki_compat.USING_INTERPRETER, reason="runs the kernel through the interpreter directly")
+def test_vector_engine_baseline_design_computes_the_same_scan():
+    """The selective-scan kernel of the cost comparison (channel-major layout), over two 512-step time tiles."""
+    inputs = make_inputs(1, 600, heads=4, groups=1, head_dim=64, state_dim=8, dtype=torch.float32)
+    y_ref, state_ref = ssm_scan(**inputs, backend="naive")
+
+    def channel_major(t: torch.Tensor) -> torch.Tensor:  # [Bt, T, K, W] -> [Bt, K*W, T]
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1]).contiguous()
+
+    host = [
+        channel_major(inputs["x"]),
+        inputs["dt"].permute(0, 2, 1).contiguous(),
+        inputs["A"],
+        inputs["B"].permute(0, 2, 3, 1).contiguous(),
+        inputs["C"].permute(0, 2, 3, 1).contiguous(),
+        inputs["D"],
+        inputs["initial_state"],
+    ]
+    y_cm, final_state = run_kernel(selective_scan_fwd, *[t.numpy() for t in host]).outputs
+    scale = y_ref.abs().max()
+    assert (torch.from_numpy(y_cm) - channel_major(y_ref)).abs().max() <= TOLERANCE[torch.float32] * scale
+    assert (torch.from_numpy(final_state) - state_ref).abs().max() <= TOLERANCE[torch.float32] * state_ref.abs().max()
 
 
 def test_nki_needs_the_interpreter_switch_on_cpu(monkeypatch):
