@@ -57,6 +57,11 @@ def tiny_overrides(corpus: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.fixture
+def tiny_run_overrides() -> Callable[[Path, Path], list[str]]:
+    return tiny_overrides
+
+
+@pytest.fixture
 def compose_recipe() -> Callable[[list[str]], DictConfig]:
     """Compose ``recipes/config.yaml`` with command-line style overrides."""
     register_configs()

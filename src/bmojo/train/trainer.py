@@ -220,7 +220,7 @@ class Trainer:
             with autocast(self.device, self.config.trainer.precision):
                 out = self.model(micro, labels=micro)
             (out.loss / accum).backward()
-            loss_value, aux_value = float(out.loss.detach()), float(out.aux_loss)
+            loss_value, aux_value = float(out.loss.detach()), float(out.aux_loss.detach())
             finite = finite and math.isfinite(loss_value)
             lm_loss += (loss_value - aux_value) / accum
             aux_loss += aux_value / accum
