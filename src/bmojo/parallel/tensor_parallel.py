@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -75,6 +74,23 @@ class SsmHeadParallel(ParallelStyle):
         return module
 
 
+class GatherSequence(ParallelStyle):
+    """A residual branch's first input, sharded along the sequence (dim 1), gathered whole before the branch.
+
+    Mixers read the whole sequence (positions, scans, memory selection); ``PrepareModuleInput`` would need the
+    number of positional arguments, which differs between mixers. The backward keeps this rank's chunk of the
+    (complete, replicated) input gradient.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def gather(_module: nn.Module, args: tuple) -> tuple:
+            sharded = DTensor.from_local(args[0], device_mesh, [Shard(1)], run_check=False)
+            return (sharded.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Replicate()]), *args[1:])
+
+        module.register_forward_pre_hook(gather)
+        return module
+
+
 def _relative(specs: dict[str, ShardSpec], prefix: str) -> dict[str, ShardSpec]:
     return {name[len(prefix) + 1 :]: spec for name, spec in specs.items() if name.startswith(prefix + ".")}
 
@@ -103,9 +119,7 @@ def apply_tensor_parallel(
         elif rule.role == Role.sequence_norm and sequence_parallel:
             styles[rule.fqn] = SequenceParallel(use_local_output=True)
         elif rule.role == Role.branch and sequence_parallel:
-            gather_styles[rule.fqn] = PrepareModuleInput(
-                input_layouts=(sequence,), desired_input_layouts=(Replicate(),), use_local_output=True
-            )
+            gather_styles[rule.fqn] = GatherSequence()
         elif rule.role == Role.heads:
             divide_attributes(stage.get_submodule(rule.fqn), rule.divide, tp_mesh.size())
         elif rule.role == Role.ssm:
@@ -132,8 +146,6 @@ def tensor_parallel_local(tensor: torch.Tensor) -> torch.Tensor:
     A DTensor is redistributed to ``Replicate`` on every mesh dimension but ``tp`` and unwrapped; a plain tensor
     (a replicated parameter or an SSM slice) is returned as is.
     """
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(tensor, DTensor):
         return tensor
     names = tensor.device_mesh.mesh_dim_names or ()
