@@ -61,3 +61,36 @@ def compare_training(layout: dict, patterns: list[str], batch: int) -> None:
         for name, param in engine.named_parameters():
             local, full = tensor_parallel_local(param.detach()), expected[name].detach()
             _close(f"{pattern} weight {name}", local, _expected_local(engine, name, full), WEIGHT_TOLERANCE)
+
+
+def _train_steps(engine: TorchEngine, optimizer, steps: range, batch: int) -> list[float]:
+    share = batch // engine.layout.data_parallel
+    losses = []
+    for step in steps:
+        batches = step_batches(step, engine.layout.microbatches, batch)
+        losses.append(engine.train_step(batches[:, engine.dp_rank * share : (engine.dp_rank + 1) * share]).lm_loss)
+        engine.clip_grad_norm_(MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def save_and_resume(layout: dict, pattern: str, folder: str, batch: int) -> None:
+    """Train 2 steps, save, train 1; a fresh model that loads the checkpoint trains that step bit for bit."""
+    layout = Layout(**layout)
+    engine = TorchEngine(layout)
+    engine.parallelize(tiny_model(pattern, seed=0))
+    optimizer = make_optimizer(list(engine.parameters()))
+    _train_steps(engine, optimizer, range(2), batch)
+    engine.save(folder, optimizer)
+    continued = _train_steps(engine, optimizer, range(2, 3), batch)
+
+    resumed = TorchEngine(layout)
+    resumed.parallelize(tiny_model(pattern, seed=1))
+    resumed_optimizer = make_optimizer(list(resumed.parameters()))
+    resumed.load(folder, resumed_optimizer)
+    assert _train_steps(resumed, resumed_optimizer, range(2, 3), batch) == continued
+    after = dict(resumed.named_parameters())
+    for name, param in engine.named_parameters():
+        expected, actual = tensor_parallel_local(param.detach()), tensor_parallel_local(after[name].detach())
+        assert torch.equal(expected, actual), f"rank {dist.get_rank()} {name} differs after resuming"

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import loss_parallel
 
 from bmojo.model.modeling import BmojoForCausalLM
+from bmojo.parallel.checkpoint import load_sharded, save_sharded
 from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import ParallelPlan, bmojo_plan, check_plan_fits
 from bmojo.parallel.stage import CausalLMStage
@@ -213,6 +215,15 @@ class TorchEngine:
             for grad in grads:
                 grad.mul_(scale)
         return norm
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Write weights and optimizer state with the layout (collective); see :mod:`bmojo.parallel.checkpoint`."""
+        save_sharded(folder, self, optimizer)
+
+    def load(self, folder: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore what :meth:`save` wrote; a checkpoint of another tensor/pipeline split names its converter."""
+        load_sharded(folder, self, optimizer)
 
     def _tensor_sharded(self, name: str, param: torch.Tensor) -> bool:
         if isinstance(param, DTensor) and "tp" in (param.device_mesh.mesh_dim_names or ()):
