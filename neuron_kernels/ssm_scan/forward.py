@@ -24,7 +24,7 @@ MAX_TILE = 128
 
 
 def check_shapes(x, B, chunk_size: int) -> None:
-    """Tile limits of the kernels: Q, P, N <= 128 (partition dimension), G divides H."""
+    """Tile limits of the kernels: Q, P, N <= 128 (partition dimension), G divides H, H <= 512."""
     heads, head_dim = x.shape[2], x.shape[3]
     groups, state_dim = B.shape[2], B.shape[3]
     if not 1 <= chunk_size <= MAX_TILE:
@@ -35,6 +35,8 @@ def check_shapes(x, B, chunk_size: int) -> None:
         )
     if heads % groups != 0:
         raise ValueError(f"ssm_scan nki kernel: groups G = {groups} must divide heads H = {heads}")
+    if heads > 512:
+        raise ValueError(f"ssm_scan nki kernel: at most 512 heads (one PSUM bank of per-head columns), got {heads}")
 
 
 def load_state_transposed(initial_state, b: int, h: int, state_dim: int, head_dim: int):
