@@ -220,7 +220,9 @@ class _Head:
     def add_projection_gradients(self, db_psum, dc_psum, state_prev, grad) -> None:
         """dC_t += Σ_s dScores[s, t] B_s + e_t S_prevᵀ g_t;  dB_s += Σ_t dScores[s, t] C_t + w_s Γᵀ u_s."""
         nisa.nc_matmul(dst=dc_psum, stationary=self.d_scores, moving=self.group.b)
-        nisa.nc_matmul(dst=dc_psum, stationary=transpose(self.dy_decayed), moving=transpose(state_prev))
+        # One evacuation on VectorE keeps ScalarE, the busier engine of this kernel, from bounding it alone.
+        state_prev_rows = transpose(state_prev, on_scalar_engine=False)
+        nisa.nc_matmul(dst=dc_psum, stationary=transpose(self.dy_decayed), moving=state_prev_rows)
         nisa.nc_matmul(dst=db_psum, stationary=transpose(self.d_scores), moving=self.group.c)
         nisa.nc_matmul(dst=db_psum, stationary=transpose(scaled(self.u, self.to_end)), moving=grad)
 
