@@ -49,11 +49,17 @@ def compare_training(layout: dict, patterns: list[str], batch: int) -> None:
             assert abs(losses.aux_loss - aux) <= TOLERANCE, f"{pattern} step {step}: aux {losses.aux_loss} vs {aux}"
             seen = 0
             for name, param in engine.named_parameters():
-                _close(f"{pattern} step {step} grad {name}", tensor_parallel_local(param.grad), _expected_local(engine, name, grads[name]))
+                _close(
+                    f"{pattern} step {step} grad {name}",
+                    tensor_parallel_local(param.grad),
+                    _expected_local(engine, name, grads[name]),
+                )
                 seen += 1
             assert seen > 0
             got_norm = engine.clip_grad_norm_(MAX_GRAD_NORM)
-            assert abs(got_norm - norm) <= TOLERANCE * max(1.0, norm), f"{pattern} step {step}: norm {got_norm} vs {norm}"
+            assert abs(got_norm - norm) <= TOLERANCE * max(1.0, norm), (
+                f"{pattern} step {step}: norm {got_norm} vs {norm}"
+            )
             if step < STEPS:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -94,3 +100,42 @@ def save_and_resume(layout: dict, pattern: str, folder: str, batch: int) -> None
     for name, param in engine.named_parameters():
         expected, actual = tensor_parallel_local(param.detach()), tensor_parallel_local(after[name].detach())
         assert torch.equal(expected, actual), f"rank {dist.get_rank()} {name} differs after resuming"
+
+
+def memory_positions(layout: dict, batch: int) -> None:
+    """Every rank of a tensor-parallel group selects the same eidetic memory, and the one process does too."""
+    import bmojo.model.attention as attention
+
+    layout = Layout(**layout)
+    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    select = attention.select_memory
+
+    def recording(*args, **kwargs):
+        positions, valid = select(*args, **kwargs)
+        chosen.append((positions.clone(), valid.clone()))
+        return positions, valid
+
+    attention.select_memory = recording
+    try:
+        model = tiny_model("B", num_hidden_layers=2)
+        reference = clone_model(model)
+        batches = step_batches(0, layout.microbatches, batch)
+        for micro in batches:
+            reference(micro, labels=micro)
+        expected, chosen[:] = list(chosen), []
+        engine = TorchEngine(layout)
+        engine.parallelize(model)
+        engine.train_step(batches)
+    finally:
+        attention.select_memory = select
+    assert len(chosen) == len(expected) == 2 * layout.microbatches
+    assert any(bool(valid.any()) for _, valid in chosen), "no token was selected: the check would be vacuous"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, chosen)
+    for rank, theirs in enumerate(everyone):
+        for (positions, valid), (other_positions, other_valid) in zip(chosen, theirs, strict=True):
+            assert torch.equal(valid, other_valid) and torch.equal(positions[valid], other_positions[other_valid]), (
+                f"rank {dist.get_rank()} and rank {rank} remember different tokens"
+            )
+    for (positions, valid), (ref_positions, ref_valid) in zip(chosen, expected, strict=True):
+        assert torch.equal(valid, ref_valid) and torch.equal(positions[valid], ref_positions[ref_valid])

@@ -74,9 +74,10 @@ def check_layout(folder: Path, engine: TorchEngine) -> dict:
     saved = {k: recorded["layout"][k] for k in ("tensor_parallel", "pipeline_parallel")}
     wanted = engine.layout.sharding()
     if saved != wanted:
+        command = converter_command(folder, wanted["tensor_parallel"], wanted["pipeline_parallel"])
         raise LayoutMismatchError(
             f"{folder} was written with {saved} but this run uses {wanted}; tensor slices and pipeline stages "
-            f"differ, so convert it first:\n  {converter_command(folder, wanted['tensor_parallel'], wanted['pipeline_parallel'])}"
+            f"differ, so convert it first:\n  {command}"
         )
     return recorded
 

@@ -32,7 +32,9 @@ class Layout:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"parallel layout: schedule={self.schedule!r} is not one of {SCHEDULES}")
         if self.sequence_parallel and self.tensor_parallel == 1:
-            raise ValueError("parallel layout: sequence_parallel shards over tensor-parallel ranks; set tensor_parallel > 1")
+            raise ValueError(
+                "parallel layout: sequence_parallel shards over tensor-parallel ranks; set tensor_parallel > 1"
+            )
         if self.pipeline_parallel > 1 and self.microbatches < self.pipeline_parallel:
             raise ValueError(
                 f"parallel layout: {self.pipeline_parallel} pipeline stages need at least as many microbatches "

@@ -212,7 +212,10 @@ def check_plan_fits(config: BmojoConfig, tensor_parallel: int, sequence_parallel
     letters = set(config.layer_letters)
     needs = [("vocab_size", config.vocab_size), ("intermediate_size", config.intermediate_size)]
     if letters & set("AWFB"):
-        needs += [("num_attention_heads", config.num_attention_heads), ("num_key_value_heads", config.num_key_value_heads)]
+        needs += [
+            ("num_attention_heads", config.num_attention_heads),
+            ("num_key_value_heads", config.num_key_value_heads),
+        ]
     if letters & set("MFB"):
         needs += [("ssm heads (ssm_expand * hidden_size / ssm_head_dim)", config.ssm_num_heads)]
         needs += [("ssm_num_groups", config.ssm_num_groups)]
@@ -226,9 +229,7 @@ def check_plan_fits(config: BmojoConfig, tensor_parallel: int, sequence_parallel
                 )
             elif name == "vocab_size":
                 hint = "; pad the vocabulary (model.pad_vocab_multiple) to a multiple of it"
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel} does not divide model {name}={value}{hint}"
-            )
+            raise ValueError(f"tensor_parallel_size={tensor_parallel} does not divide model {name}={value}{hint}")
     if sequence_parallel and seq_len is not None and seq_len % tensor_parallel:
         raise ValueError(
             f"sequence parallelism splits the sequence over {tensor_parallel} ranks but seq_len={seq_len} "

@@ -59,11 +59,34 @@ class CausalLMStage(nn.Module):
         aux_total = x.new_zeros((), dtype=torch.float32) if aux is None else aux
         for block in self.units():
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, block_aux = checkpoint(block, x, use_reentrant=False)
+                out = checkpoint(block, x, use_reentrant=False)
             else:
-                x, block_aux = block(x)
-            if block_aux is not None:
-                aux_total = aux_total + block_aux
+                out = block(x)
+            x = out[0]
+            # Decided from the module, not the returned value, so symbolic tracing (NxD's pipeline) sees it too.
+            if _has_aux_loss(block):
+                aux_total = aux_total + out[1]
         if self.is_last:
             x = self.lm_head(self.model.norm(x))
         return x, aux_total
+
+
+def _has_aux_loss(block: nn.Module) -> bool:
+    return getattr(block.mixer, "predictor", None) is not None
+
+
+class CausalLMWithLoss(CausalLMStage):
+    """The whole model as one module whose forward returns the loss, for engines that drive the model through
+    a ``forward(input_ids, labels) -> (loss, aux_loss)`` (NxD's pipeline traces exactly this).
+
+    ``lm_loss(logits [B, T, V'], labels [B, T]) -> scalar`` computes the next-token loss of this rank's logits.
+    """
+
+    def __init__(self, model: BmojoForCausalLM, plan: ParallelPlan, lm_loss):
+        super().__init__(model, plan, range(plan.num_units))
+        self.lm_loss = lm_loss
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, aux = super().forward(input_ids)
+        weighted_aux = aux * self.config.aux_loss_weight
+        return self.lm_loss(logits, labels) + weighted_aux, weighted_aux

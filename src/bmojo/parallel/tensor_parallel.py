@@ -95,9 +95,7 @@ def _relative(specs: dict[str, ShardSpec], prefix: str) -> dict[str, ShardSpec]:
     return {name[len(prefix) + 1 :]: spec for name, spec in specs.items() if name.startswith(prefix + ".")}
 
 
-def apply_tensor_parallel(
-    stage: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh, sequence_parallel: bool
-) -> None:
+def apply_tensor_parallel(stage: nn.Module, plan: ParallelPlan, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Split ``stage`` (a model or a pipeline stage with the model's FQNs) over ``tp_mesh`` as ``plan`` says."""
     present = {name for name, _ in stage.named_modules()}
     sequence = Shard(1)

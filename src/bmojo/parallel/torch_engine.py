@@ -38,7 +38,9 @@ class StepLosses:
     aux_loss: float  # weighted, as added to the loss
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_mesh: DeviceMesh | None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, tp_mesh: DeviceMesh | None
+) -> torch.Tensor:
     """Next-token cross-entropy. logits: [B, T, V'] (this rank's vocabulary shard), labels: [B, T] unshifted,
     -100 ignored. With ``tp_mesh`` the softmax spans the vocabulary shards (call inside ``loss_parallel()``).
     """

@@ -1,0 +1,317 @@
+"""The NxD engine (trn1): the parallel plan applied with neuronx-distributed's layers, trainer API and checkpoints.
+
+``neuronx_distributed`` is imported only when an :class:`NxDEngine` is created, so this module imports on any
+machine. Every parallel linear is built from the plan: column layers never gather (``gather_output=False``),
+row layers take the column layers' shards (``input_is_parallel=True``) and, under sequence parallelism,
+reduce-scatter along dim 1 when their output returns to the residual stream. The model keeps ``[B, T, D]``:
+NxD's sequence-first default is overridden with ``sequence_dimension=1`` and residual branches gather the whole
+sequence at their input (as the PyTorch engine does). Weights are copied from the plain model, so a run starts
+from exactly the weights a single process would.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bmojo.config import BmojoConfig
+from bmojo.model.modeling import BmojoForCausalLM
+from bmojo.parallel.checkpoint import LAYOUT_FILE, LayoutMismatchError, describe_layout
+from bmojo.parallel.layout import Layout
+from bmojo.parallel.plan import Output, ParallelPlan, ShardSpec, bmojo_plan, check_plan_fits
+from bmojo.parallel.stage import CausalLMWithLoss
+from bmojo.parallel.tensor_parallel import divide_attributes
+
+INSTALL_HINT = (
+    "the NxD engine needs neuronx-distributed from the Neuron SDK 2.28 environment (torch-neuronx 2.9, "
+    "neuronx-distributed 0.17; see launch/ and the Dockerfile); on CPU or GPU use parallel.engine=torch"
+)
+
+
+def import_nxd() -> SimpleNamespace:
+    """The parts of ``neuronx_distributed`` the engine uses, imported now (they need torch-xla)."""
+    try:
+        import neuronx_distributed as nxd
+        from neuronx_distributed.parallel_layers import layers, loss_functions, mappings, parallel_state, utils
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return SimpleNamespace(
+        nxd=nxd, layers=layers, loss_functions=loss_functions, mappings=mappings, state=parallel_state, utils=utils
+    )
+
+
+def nxd_lm_loss(logits: torch.Tensor, labels: torch.Tensor, parallel_cross_entropy) -> torch.Tensor:
+    """Mean next-token loss from vocab-parallel logits [B, T, V/tp] and unshifted labels [B, T] (-100 ignored).
+
+    ``parallel_cross_entropy`` returns per-token losses, without reduction or ignore_index, and subtracts the
+    maximum from its input in place: the logits are cloned and the masking and averaging are done here.
+    """
+    shifted = logits[:, :-1].clone().float()
+    targets = labels[:, 1:]
+    per_token = parallel_cross_entropy(shifted, targets)
+    keep = (targets != -100).float()
+    return (per_token * keep).sum() / keep.sum().clamp(min=1.0)
+
+
+def _replace(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    owner_name, _, name = fqn.rpartition(".")
+    setattr(root.get_submodule(owner_name) if owner_name else root, name, module)
+
+
+def _copy_slice(target: torch.Tensor, full: torch.Tensor, spec: ShardSpec, rank: int, size: int) -> None:
+    with torch.no_grad():
+        target.copy_(spec.local(full.detach(), rank, size))
+
+
+class _PlanApplier:
+    """Replaces the plan's modules of ``model`` by NxD parallel layers holding this rank's slices."""
+
+    def __init__(self, api: SimpleNamespace, plan: ParallelPlan, sequence_parallel: bool):
+        self.api, self.plan, self.sequence_parallel = api, plan, sequence_parallel
+        self.rank = api.state.get_tensor_model_parallel_rank()
+        self.size = api.state.get_tensor_model_parallel_size()
+
+    def apply(self, model: nn.Module) -> None:
+        for rule in self.plan.rules:
+            module = model.get_submodule(rule.fqn)
+            handler = getattr(self, f"_{rule.role.value}")
+            handler(model, rule, module)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+    def _linear_slices(self, fqn: str, source: nn.Linear, target: nn.Module) -> nn.Module:
+        _copy_slice(target.weight, source.weight, self.plan.spec(f"{fqn}.weight"), self.rank, self.size)
+        if source.bias is not None:
+            _copy_slice(target.bias, source.bias, self.plan.spec(f"{fqn}.bias"), self.rank, self.size)
+        return target
+
+    def _column_layer(self, fqn: str, source: nn.Linear, sequence_parallel: bool) -> nn.Module:
+        layer = self.api.layers.ColumnParallelLinear(
+            source.in_features,
+            source.out_features,
+            bias=source.bias is not None,
+            gather_output=False,
+            dtype=source.weight.dtype,
+            sequence_parallel_enabled=sequence_parallel,
+            sequence_dimension=1 if sequence_parallel else None,
+        )
+        return self._linear_slices(fqn, source, layer)
+
+    def _row_layer(self, fqn: str, source: nn.Linear, output: Output) -> nn.Module:
+        scatter = self.sequence_parallel and output == Output.residual
+        layer = self.api.layers.RowParallelLinear(
+            source.in_features,
+            source.out_features,
+            bias=source.bias is not None,
+            input_is_parallel=True,
+            dtype=source.weight.dtype,
+            sequence_parallel_enabled=scatter,
+            sequence_dimension=1 if scatter else None,
+        )
+        return self._linear_slices(fqn, source, layer)
+
+    def _column(self, model: nn.Module, rule, module: nn.Linear) -> None:
+        # Inside a residual branch, whose input is already whole (see _branch).
+        _replace(model, rule.fqn, self._column_layer(rule.fqn, module, sequence_parallel=False))
+
+    def _row(self, model: nn.Module, rule, module: nn.Linear) -> None:
+        _replace(model, rule.fqn, self._row_layer(rule.fqn, module, rule.output))
+
+    def _vocab_embedding(self, model: nn.Module, rule, module: nn.Embedding) -> None:
+        layer = self.api.layers.ParallelEmbedding(
+            module.num_embeddings,
+            module.embedding_dim,
+            dtype=module.weight.dtype,
+            sequence_parallel_enabled=self.sequence_parallel,
+            sequence_dimension=1 if self.sequence_parallel else None,
+        )
+        _copy_slice(layer.weight, module.weight, self.plan.spec(f"{rule.fqn}.weight"), self.rank, self.size)
+        _replace(model, rule.fqn, layer)
+
+    def _vocab_head(self, model: nn.Module, rule, module: nn.Linear) -> None:
+        # The final norm's output is sequence-sharded under SP: the head gathers it itself.
+        _replace(model, rule.fqn, self._column_layer(rule.fqn, module, sequence_parallel=self.sequence_parallel))
+
+    def _sequence_norm(self, model: nn.Module, rule, module: nn.Module) -> None:
+        if self.sequence_parallel:
+            # NxD's optimizer sums these gradients over tensor-parallel ranks (each saw part of the sequence).
+            for param in module.parameters():
+                param.sequence_parallel_enabled = True
+
+    def _branch(self, model: nn.Module, rule, module: nn.Module) -> None:
+        if not self.sequence_parallel:
+            return
+        gather = self.api.mappings.gather_from_sequence_parallel_region
+
+        def whole_sequence(_module: nn.Module, args: tuple) -> tuple:
+            # to_model_parallel=False: the column layers inside already sum the input gradient over ranks.
+            return (gather(args[0], sequence_dimension=1, to_model_parallel=False), *args[1:])
+
+        module.register_forward_pre_hook(whole_sequence)
+
+    def _heads(self, model: nn.Module, rule, module: nn.Module) -> None:
+        divide_attributes(module, rule.divide, self.size)
+
+    def _ssm(self, model: nn.Module, rule, module: nn.Module) -> None:
+        prefix = rule.fqn
+        module.in_proj = self._column_layer(f"{prefix}.in_proj", module.in_proj, sequence_parallel=False)
+        module.out_proj = self._row_layer(f"{prefix}.out_proj", module.out_proj, rule.output)
+        for name, spec in self.plan.param_specs.items():
+            if not name.startswith(prefix + ".") or ".in_proj." in name or ".out_proj." in name:
+                continue
+            relative = name[len(prefix) + 1 :]
+            owner_name, _, param_name = relative.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            full = getattr(owner, param_name)
+            local = nn.Parameter(spec.local(full.detach(), self.rank, self.size), requires_grad=full.requires_grad)
+            self.api.utils.set_tensor_model_parallel_attributes(local, is_parallel=True, dim=spec.dim, stride=1)
+            setattr(owner, param_name, local)
+        divide_attributes(module, rule.divide, self.size)
+
+
+class NxDEngine:
+    """Builds, trains and checkpoints a B'MOJO model through NxD's trainer API.
+
+    Usage on a Neuron host (one process per NeuronCore under torchrun, ``init_process_group("xla")`` first)::
+
+        engine = NxDEngine(layout, max_grad_norm=1.0)
+        model = engine.build(config)                      # NxDModel (NxDPPModel inside when pipelined)
+        optimizer = engine.build_optimizer(torch.optim.AdamW, param_groups, lr=3e-4)
+        loss = engine.train_step(batches); optimizer.step(); optimizer.zero_grad(); xm.mark_step()
+    """
+
+    def __init__(self, layout: Layout, max_grad_norm: float | None = 1.0):
+        self.api = import_nxd()
+        self.layout = layout
+        self.max_grad_norm = max_grad_norm
+        self.plan: ParallelPlan | None = None
+        self.model = None
+        self.nxd_config: dict | None = None
+
+    def _pipeline_config(self, plan: ParallelPlan) -> dict:
+        return {
+            "transformer_layer_cls": plan.unit_class,
+            "num_microbatches": self.layout.microbatches,
+            "output_loss_value_spec": (True, False),
+            "input_names": ["input_ids", "labels"],
+            "pipeline_cuts": plan.pipeline_cuts(self.layout.pipeline_parallel),
+            "leaf_module_cls": [cls.__name__ for cls in plan.leaf_classes],
+            "tracer_cls": "torch",
+            "use_zero1_optimizer": self.layout.zero1,
+        }
+
+    def build(self, config: BmojoConfig, weights: dict[str, torch.Tensor] | None = None):
+        """The parallel model. ``weights``: a full state dict to start from (else the config's initialisation)."""
+        layout = self.layout
+        if layout.schedule != "1f1b":
+            raise ValueError("the NxD engine runs NxD's 1F1B pipeline schedule; set parallel.schedule=1f1b")
+        if config.tie_word_embeddings and layout.pipeline_parallel > 1:
+            raise ValueError(
+                "NxD's pipeline cannot share the embedding between the first and last stage (its known issue: the "
+                "shared weight gets no gradient); set model.tie_word_embeddings=false"
+            )
+        check_plan_fits(config, layout.tensor_parallel, layout.sequence_parallel, None)
+        with torch.device("meta"):
+            self.plan = bmojo_plan(BmojoForCausalLM(config))
+        self.nxd_config = self.api.nxd.neuronx_distributed_config(
+            tensor_parallel_size=layout.tensor_parallel,
+            pipeline_parallel_size=layout.pipeline_parallel,
+            pipeline_config=self._pipeline_config(self.plan) if layout.pipeline_parallel > 1 else None,
+            optimizer_config={
+                "zero_one_enabled": layout.zero1,
+                "grad_clipping": self.max_grad_norm is not None,
+                "max_grad_norm": self.max_grad_norm or 1.0,
+            },
+            activation_checkpoint_config=self.plan.unit_class if layout.activation_checkpointing else None,
+            sequence_parallel=layout.sequence_parallel,
+        )
+        self.model = self.api.nxd.initialize_parallel_model(self.nxd_config, self._model_fn, False, config, weights)
+        return self.model
+
+    def _model_fn(self, config: BmojoConfig, weights: dict[str, torch.Tensor] | None) -> CausalLMWithLoss:
+        model = BmojoForCausalLM(config)
+        if weights is not None:
+            model.load_state_dict(weights)
+        _PlanApplier(self.api, self.plan, self.layout.sequence_parallel).apply(model)
+        loss = partial(nxd_lm_loss, parallel_cross_entropy=self.api.loss_functions.parallel_cross_entropy)
+        return CausalLMWithLoss(model, self.plan, loss)
+
+    def build_optimizer(self, optimizer_class: type[torch.optim.Optimizer], param_groups, **defaults):
+        """``NxDOptimizer``: ZeRO-1 when the layout asks, gradient clipping at ``max_grad_norm``."""
+        return self.api.nxd.initialize_parallel_optimizer(self.nxd_config, optimizer_class, param_groups, **defaults)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return self.api.state.get_data_parallel_rank()
+
+    def train_step(self, batches: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one optimizer step; batches: [microbatches, B, T] on the XLA device.
+
+        Returns the loss as a device tensor (log it through a step closure; reading it here would cut the graph).
+        """
+        if self.layout.pipeline_parallel > 1:
+            flat = batches.flatten(0, 1)
+            loss = self.model.run_train(input_ids=flat, labels=flat)
+        else:
+            loss = None
+            for micro in batches:
+                micro_loss, _ = self.model(input_ids=micro, labels=micro)
+                (micro_loss / len(batches)).backward()
+                loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+            loss = loss / len(batches)
+        self._sum_partial_gradients()
+        return loss
+
+    def _sum_partial_gradients(self) -> None:
+        """Sum over tensor-parallel ranks the gradients of replicated parameters each rank used for its heads only."""
+        if self.layout.tensor_parallel == 1:
+            return
+        group = self.api.state.get_tensor_model_parallel_group()
+        for name, param in self.model.named_parameters():
+            if param.grad is not None and self.plan.spec(_model_name(name)).partial_grad:
+                dist.all_reduce(param.grad, group=group)
+
+    def save(self, folder: Path, tag: str, optimizer=None, scheduler=None, user_content: dict | None = None) -> None:
+        """NxD's checkpoint (per-rank files, ZeRO-1 shards) plus ``<tag>/layout.json`` recording the layout."""
+        self.api.nxd.save_checkpoint(
+            str(folder),
+            tag,
+            model=self.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            user_content=user_content,
+            zero1_optimizer=self.layout.zero1,
+        )
+        if dist.get_rank() == 0:
+            (Path(folder) / tag / LAYOUT_FILE).write_text(json.dumps(describe_layout(self, "nxd"), indent=1))
+
+    def load(self, folder: Path, tag: str, optimizer=None, scheduler=None):
+        """Restore a checkpoint written by :meth:`save` under the same tensor/pipeline split; returns user_content."""
+        path = Path(folder) / tag / LAYOUT_FILE
+        if not path.is_file():
+            raise LayoutMismatchError(f"{path.parent} has no {LAYOUT_FILE}: it was not written by this engine")
+        saved = json.loads(path.read_text())["layout"]
+        saved = {k: saved[k] for k in ("tensor_parallel", "pipeline_parallel")}
+        if saved != self.layout.sharding():
+            raise LayoutMismatchError(
+                f"{path.parent} was written with {saved} but this run uses {self.layout.sharding()}. NxD checkpoints "
+                "hold NxD's own per-rank files and ZeRO-1 shards, which no converter here rewrites: resume with "
+                f"parallel.tensor_parallel_size={saved['tensor_parallel']} "
+                f"parallel.pipeline_parallel_size={saved['pipeline_parallel']}"
+            )
+        return self.api.nxd.load_checkpoint(
+            str(folder), tag=tag, model=self.model, optimizer=optimizer, scheduler=scheduler
+        )
+
+
+def _model_name(name: str) -> str:
+    """A parameter name of the NxD model as the plan knows it: ``NxDModel`` reports the model's own names, but
+    activation checkpointing inserts its wrapper's attribute.
+    """
+    return name.replace("_checkpoint_wrapped_module.", "")
