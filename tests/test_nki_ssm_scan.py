@@ -137,3 +137,24 @@ def test_rejects_tiles_over_128(head_dim, chunk_size, message):
     inputs = make_inputs(1, 4, heads=1, groups=1, head_dim=head_dim, state_dim=4, dtype=torch.float32)
     with pytest.raises(ValueError, match=message):
         ssm_scan(**inputs, chunk_size=chunk_size, backend="nki")
+
+
+@pytest.mark.neuron
+@pytest.mark.skipif(nki_compat.USING_INTERPRETER, reason="needs the Neuron SDK (nki, torch-xla) and a Trainium device")
+def test_on_a_neuron_device_matches_naive():
+    import torch_xla.core.xla_model as xm
+
+    device = xm.xla_device()
+    inputs = make_inputs(1, 300, heads=2, groups=1, head_dim=64, state_dim=128, dtype=torch.float32)
+    want = forward_backward(inputs, 128, "naive")
+    leaves = {name: t.to(device).requires_grad_() for name, t in inputs.items()}
+    y, final_state = ssm_scan(**leaves, chunk_size=128, backend="nki")
+    generator = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(y.shape, generator=generator), torch.randn(final_state.shape, generator=generator)]
+    loss = (y * cotangents[0].to(device)).sum() + (final_state * cotangents[1].to(device)).sum()
+    loss.backward()
+    xm.mark_step()
+    got = [y, final_state] + [leaf.grad for leaf in leaves.values()]
+    for name, value in zip(NAMES, got, strict=True):
+        scale = want[name].abs().max().clamp_min(1e-6)
+        assert (value.cpu() - want[name]).abs().max() / scale <= TOLERANCE[torch.float32], name
