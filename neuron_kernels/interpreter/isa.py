@@ -219,7 +219,7 @@ def dma_copy(
         _move(dst, src, dst_rmw_op is not None, unique_indices, skip)
     sbuf_side = next((t.partitions for t in (dst, src) if t.buffer == "sbuf"), None)
     num_bytes = count * max(dtypes.itemsize(src.dtype), dtypes.itemsize(dst.dtype)) * (2 if dst_rmw_op else 1)
-    kind = "dma_scatter_add" if dst_rmw_op is not None else "dma_gather" if indirect else "dma_copy"
+    kind = "dma_scatter_add" if dst_rmw_op is not None else "dma_indirect" if indirect else "dma_copy"
     machine.stats.record("DMA", kind, num_bytes, seconds=cost.dma_seconds(num_bytes, sbuf_side))
 
 
