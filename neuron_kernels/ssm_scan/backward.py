@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from neuron_kernels.nki_compat import nisa, nki, nl
 from neuron_kernels.ssm_scan.forward import (
+    MAX_TILE,
     ChunkInputs,
     GroupInputs,
     intra_chunk_decay,
@@ -38,6 +39,7 @@ def ssm_scan_bwd(x, dt, A, B, C, D, initial_state, d_y, d_final_state, chunk_siz
     """
     batch, time, heads, head_dim = x.shape
     state_dim = B.shape[3]
+    assert max(chunk_size, head_dim, state_dim) <= MAX_TILE, "Q, P and N must be <= 128 (see check_shapes)"
     chunk = min(chunk_size, time)
     starts = list(range(0, time, chunk))
     dx = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
