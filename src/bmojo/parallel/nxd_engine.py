@@ -288,7 +288,7 @@ class NxDEngine:
             user_content=user_content,
             zero1_optimizer=self.layout.zero1,
         )
-        if dist.get_rank() == 0:
+        if self.api.state.is_global_rank_zero():
             (Path(folder) / tag / LAYOUT_FILE).write_text(json.dumps(describe_layout(self, "nxd"), indent=1))
 
     def load(self, folder: Path, tag: str, optimizer=None, scheduler=None):

@@ -1,0 +1,284 @@
+"""A recording stand-in for ``neuronx_distributed``: the API surface the NxD engine calls, with real signatures.
+
+Parallel layers allocate this rank's slice shapes and record their arguments; with a tensor-parallel size of 1
+they compute what NxD computes (no collectives are needed), so a model built through the stand-in can be run.
+``parallel_cross_entropy`` subtracts the maximum in place like NxD's, to catch callers that do not clone.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Record:
+    name: str
+    kwargs: dict
+    module: object = None
+
+
+@dataclass
+class FakeNxD:
+    tp_rank: int = 0
+    tp_size: int = 1
+    calls: list[Record] = field(default_factory=list)
+
+    def record(self, name: str, module: object = None, **kwargs) -> Record:
+        entry = Record(name, kwargs, module)
+        self.calls.append(entry)
+        return entry
+
+    def named(self, name: str) -> list[Record]:
+        return [call for call in self.calls if call.name == name]
+
+
+def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
+    """Put the stand-in into ``sys.modules`` (undone by ``monkeypatch``) and return its recorder."""
+    fake = FakeNxD(tp_rank, tp_size)
+
+    class ColumnParallelLinear(nn.Module):
+        def __init__(
+            self,
+            input_size,
+            output_size,
+            bias=True,
+            gather_output=True,
+            dtype=torch.float32,
+            device=None,
+            stride=1,
+            init_method=None,
+            sequence_parallel_enabled=False,
+            sequence_dimension=None,
+            **kwargs,
+        ):
+            super().__init__()
+            fake.record(
+                "ColumnParallelLinear",
+                self,
+                input_size=input_size,
+                output_size=output_size,
+                bias=bias,
+                gather_output=gather_output,
+                sequence_parallel_enabled=sequence_parallel_enabled,
+                sequence_dimension=sequence_dimension,
+                **kwargs,
+            )
+            self.weight = nn.Parameter(torch.empty(output_size // fake.tp_size, input_size, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(output_size // fake.tp_size, dtype=dtype)) if bias else None
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+    class RowParallelLinear(nn.Module):
+        def __init__(
+            self,
+            input_size,
+            output_size,
+            bias=True,
+            input_is_parallel=False,
+            dtype=torch.float32,
+            device=None,
+            stride=1,
+            init_method=None,
+            sequence_parallel_enabled=False,
+            sequence_dimension=None,
+            **kwargs,
+        ):
+            super().__init__()
+            if sequence_parallel_enabled and not input_is_parallel:
+                raise RuntimeError("To enable `sequence_parallel_enabled`, `input_is_parallel` must be `True`")
+            fake.record(
+                "RowParallelLinear",
+                self,
+                input_size=input_size,
+                output_size=output_size,
+                bias=bias,
+                input_is_parallel=input_is_parallel,
+                sequence_parallel_enabled=sequence_parallel_enabled,
+                sequence_dimension=sequence_dimension,
+                **kwargs,
+            )
+            self.weight = nn.Parameter(torch.empty(output_size, input_size // fake.tp_size, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype)) if bias else None
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+    class ParallelEmbedding(nn.Module):
+        def __init__(
+            self,
+            num_embeddings,
+            embedding_dim,
+            padding_idx=None,
+            max_norm=None,
+            norm_type=2.0,
+            scale_grad_by_freq=False,
+            sparse=False,
+            init_method=None,
+            device=None,
+            dtype=torch.float32,
+            shard_across_embedding=False,
+            pad=False,
+            sequence_parallel_enabled=False,
+            **kwargs,
+        ):
+            super().__init__()
+            fake.record(
+                "ParallelEmbedding",
+                self,
+                num_embeddings=num_embeddings,
+                embedding_dim=embedding_dim,
+                shard_across_embedding=shard_across_embedding,
+                sequence_parallel_enabled=sequence_parallel_enabled,
+                **kwargs,
+            )
+            self.weight = nn.Parameter(torch.empty(num_embeddings // fake.tp_size, embedding_dim, dtype=dtype))
+
+        def forward(self, ids):
+            return F.embedding(ids, self.weight)
+
+    def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0):
+        fake.record("parallel_cross_entropy", shape=tuple(vocab_parallel_logits.shape))
+        vocab_parallel_logits.sub_(vocab_parallel_logits.max(dim=-1, keepdim=True).values.detach())
+        flat = F.cross_entropy(vocab_parallel_logits.flatten(0, -2), target.flatten().clamp(min=0), reduction="none")
+        return flat.view(target.shape)
+
+    def gather_from_sequence_parallel_region(
+        input_, sequence_dimension=0, to_model_parallel=True, process_group=None, tile_cc=False
+    ):
+        fake.record(
+            "gather_from_sequence_parallel_region",
+            sequence_dimension=sequence_dimension,
+            to_model_parallel=to_model_parallel,
+        )
+        return input_
+
+    def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride, num_partitions=-1, rank_ordering=None):
+        fake.record("set_tensor_model_parallel_attributes", tensor, is_parallel=is_parallel, dim=dim, stride=stride)
+        tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = is_parallel, dim, stride
+
+    class NxDPPModel(nn.Module):
+        def __init__(self, module, transformer_layer_cls=None, num_microbatches=1, **kwargs):
+            super().__init__()
+            fake.record(
+                "NxDPPModel",
+                self,
+                transformer_layer_cls=transformer_layer_cls,
+                num_microbatches=num_microbatches,
+                **kwargs,
+            )
+            self.original_torch_module = module
+
+    def neuronx_distributed_config(
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        expert_parallel_size=1,
+        context_parallel_size=1,
+        pipeline_config=None,
+        optimizer_config=None,
+        activation_checkpoint_config=None,
+        pad_model=False,
+        sequence_parallel=False,
+        model_init_config=None,
+        lora_config=None,
+        mixed_precision_config=None,
+        sequential_move_factor=11,
+        lnc_size=1,
+    ):
+        config = dict(
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            pipeline_config=pipeline_config,
+            optimizer_config=optimizer_config,
+            activation_checkpoint_config=activation_checkpoint_config,
+            sequence_parallel=sequence_parallel,
+        )
+        fake.record("neuronx_distributed_config", **config)
+        return config
+
+    def initialize_parallel_model(nxd_config, model_fn, include_buffers=False, *model_args, **model_kwargs):
+        fake.record("initialize_parallel_model", include_buffers=include_buffers)
+        model = model_fn(*model_args, **model_kwargs)
+        if nxd_config["pipeline_parallel_size"] > 1:
+            model = NxDPPModel(model, **nxd_config["pipeline_config"])
+        return model
+
+    def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
+        fake.record("initialize_parallel_optimizer", optimizer_class=optimizer_class, **defaults)
+        return optimizer_class(parameters, **defaults)
+
+    def save_checkpoint(
+        checkpoint_dir_str,
+        tag,
+        model=None,
+        optimizer=None,
+        scheduler=None,
+        user_content=None,
+        num_workers=8,
+        use_xser=False,
+        num_kept_ckpts=None,
+        async_save=False,
+        zero1_optimizer=False,
+        use_zero1_dcp=False,
+        avoid_saving_lower_precision_weights=False,
+    ):
+        fake.record("save_checkpoint", tag=tag, zero1_optimizer=zero1_optimizer, user_content=user_content)
+        folder = Path(checkpoint_dir_str) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "user_content": user_content}, folder / "fake.pt")
+
+    def load_checkpoint(
+        path, tag=None, model=None, optimizer=None, scheduler=None, num_workers=8, strict=True, use_zero1_dcp=False
+    ):
+        fake.record("load_checkpoint", tag=tag)
+        saved = torch.load(Path(path) / tag / "fake.pt", weights_only=True)
+        model.load_state_dict(saved["model"])
+        return saved["user_content"]
+
+    state = types.SimpleNamespace(
+        get_tensor_model_parallel_rank=lambda: fake.tp_rank,
+        get_tensor_model_parallel_size=lambda: fake.tp_size,
+        get_tensor_model_parallel_group=lambda: None,
+        get_data_parallel_rank=lambda: 0,
+        is_global_rank_zero=lambda: True,
+    )
+    modules = {
+        "neuronx_distributed": dict(
+            neuronx_distributed_config=neuronx_distributed_config,
+            initialize_parallel_model=initialize_parallel_model,
+            initialize_parallel_optimizer=initialize_parallel_optimizer,
+            save_checkpoint=save_checkpoint,
+            load_checkpoint=load_checkpoint,
+        ),
+        "neuronx_distributed.parallel_layers": {},
+        "neuronx_distributed.parallel_layers.layers": dict(
+            ColumnParallelLinear=ColumnParallelLinear,
+            RowParallelLinear=RowParallelLinear,
+            ParallelEmbedding=ParallelEmbedding,
+        ),
+        "neuronx_distributed.parallel_layers.loss_functions": dict(parallel_cross_entropy=parallel_cross_entropy),
+        "neuronx_distributed.parallel_layers.mappings": dict(
+            gather_from_sequence_parallel_region=gather_from_sequence_parallel_region
+        ),
+        "neuronx_distributed.parallel_layers.parallel_state": vars(state),
+        "neuronx_distributed.parallel_layers.utils": dict(
+            set_tensor_model_parallel_attributes=set_tensor_model_parallel_attributes
+        ),
+        "neuronx_distributed.pipeline": dict(NxDPPModel=NxDPPModel),
+    }
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in modules:
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[name])
+    return fake
