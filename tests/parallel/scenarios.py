@@ -29,44 +29,44 @@ def _expected_local(engine: TorchEngine, name: str, full: torch.Tensor) -> torch
     return spec.local(full, engine.tp_rank, engine.layout.tensor_parallel)
 
 
-def compare_training(layout: dict, patterns: list[str], batch: int) -> None:
-    """Train each pattern STEPS steps under ``layout`` and on one process: the losses and gradients of every
-    step and of the model after them agree within 1e-5, and so do the weights (within 1e-4, see above).
+def compare_training(runs: list[tuple[dict, list[str]]], batch: int) -> None:
+    """For each (layout, patterns): train STEPS steps in parallel and on one process; the losses and gradients
+    of every step and of the model after them agree within 1e-5, and so do the weights (within 1e-4, see above).
     """
-    layout = Layout(**layout)
-    for pattern in patterns:
-        model = tiny_model(pattern)
-        reference = clone_model(model)
-        history = reference_training(reference, layout.microbatches, batch)
-        engine = TorchEngine(layout)
-        engine.parallelize(model)
-        optimizer = make_optimizer(list(engine.parameters()))
-        share = batch // layout.data_parallel
-        for step, (lm, aux, norm, grads) in enumerate(history):
-            batches = step_batches(step, layout.microbatches, batch)
-            losses = engine.train_step(batches[:, engine.dp_rank * share : (engine.dp_rank + 1) * share])
-            assert abs(losses.lm_loss - lm) <= TOLERANCE, f"{pattern} step {step}: loss {losses.lm_loss} vs {lm}"
-            assert abs(losses.aux_loss - aux) <= TOLERANCE, f"{pattern} step {step}: aux {losses.aux_loss} vs {aux}"
-            seen = 0
-            for name, param in engine.named_parameters():
-                _close(
-                    f"{pattern} step {step} grad {name}",
-                    tensor_parallel_local(param.grad),
-                    _expected_local(engine, name, grads[name]),
-                )
-                seen += 1
-            assert seen > 0
-            got_norm = engine.clip_grad_norm_(MAX_GRAD_NORM)
-            assert abs(got_norm - norm) <= TOLERANCE * max(1.0, norm), (
-                f"{pattern} step {step}: norm {got_norm} vs {norm}"
-            )
-            if step < STEPS:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        expected = dict(reference.named_parameters())
+    for layout_fields, patterns in runs:
+        for pattern in patterns:
+            _compare_one(Layout(**layout_fields), pattern, batch)
+
+
+def _compare_one(layout: Layout, pattern: str, batch: int) -> None:
+    """One pattern under one layout against one process (see :func:`compare_training`)."""
+    model = tiny_model(pattern)
+    reference = clone_model(model)
+    history = reference_training(reference, layout.microbatches, batch)
+    engine = TorchEngine(layout)
+    engine.parallelize(model)
+    optimizer = make_optimizer(list(engine.parameters()))
+    share = batch // layout.data_parallel
+    for step, (lm, aux, norm, grads) in enumerate(history):
+        batches = step_batches(step, layout.microbatches, batch)
+        losses = engine.train_step(batches[:, engine.dp_rank * share : (engine.dp_rank + 1) * share])
+        assert abs(losses.lm_loss - lm) <= TOLERANCE, f"{pattern} step {step}: loss {losses.lm_loss} vs {lm}"
+        assert abs(losses.aux_loss - aux) <= TOLERANCE, f"{pattern} step {step}: aux {losses.aux_loss} vs {aux}"
         for name, param in engine.named_parameters():
-            local, full = tensor_parallel_local(param.detach()), expected[name].detach()
-            _close(f"{pattern} weight {name}", local, _expected_local(engine, name, full), WEIGHT_TOLERANCE)
+            _close(
+                f"{pattern} step {step} grad {name}",
+                tensor_parallel_local(param.grad),
+                _expected_local(engine, name, grads[name]),
+            )
+        got_norm = engine.clip_grad_norm_(MAX_GRAD_NORM)
+        assert abs(got_norm - norm) <= TOLERANCE * max(1.0, norm), f"{pattern} step {step}: norm {got_norm} vs {norm}"
+        if step < STEPS:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    expected = dict(reference.named_parameters())
+    for name, param in engine.named_parameters():
+        local, full = tensor_parallel_local(param.detach()), expected[name].detach()
+        _close(f"{pattern} weight {name}", local, _expected_local(engine, name, full), WEIGHT_TOLERANCE)
 
 
 def _train_steps(engine: TorchEngine, optimizer, steps: range, batch: int) -> list[float]:
