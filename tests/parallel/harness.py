@@ -96,6 +96,10 @@ def _worker(rank: int, world_size: int, init_file: str, scenario: Callable, kwar
 
 
 def launch(world_size: int, scenario: Callable, **kwargs) -> None:
+    """Run ``scenario(**kwargs)`` on ``world_size`` forked ranks; forking reuses the imports already made here,
+    which on a small machine take longer than the scenarios themselves.
+    """
     with tempfile.TemporaryDirectory() as folder:
         init_file = str(Path(folder) / "rendezvous")
-        mp.spawn(_worker, args=(world_size, init_file, scenario, kwargs), nprocs=world_size, join=True)
+        args = (world_size, init_file, scenario, kwargs)
+        mp.start_processes(_worker, args=args, nprocs=world_size, join=True, start_method="fork")
