@@ -97,6 +97,8 @@ DISTRIBUTED_RUNS = {
         ],
     ),
     "tp2_dp2": (4, [(dict(tensor_parallel=2, data_parallel=2), PATTERNS)]),
+    "pp2_tp2": (4, [(dict(pipeline_parallel=2, tensor_parallel=2, sequence_parallel=True, microbatches=2), ["B"])]),
+    "pp2_dp2_tp2": (8, [(dict(pipeline_parallel=2, data_parallel=2, tensor_parallel=2, microbatches=2), ["MW"])]),
     "tp2_sequence_parallel_checkpointing": (
         2,
         [(dict(tensor_parallel=2, sequence_parallel=True, activation_checkpointing=True), PATTERNS)],
