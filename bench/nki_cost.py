@@ -1,7 +1,7 @@
 """Per-engine instruction counts and the estimated trn1 time of the NKI kernels, from the NKI interpreter.
 
     python bench/nki_cost.py [--seq-len 8192 --heads 32 --head-dim 64 --state-dim 128 ...]
-                             [--execute] [--json bench/results/nki_cost.json]
+                             [--trace-only] [--json bench/results/nki_cost.json]
 
 For the chunked ``ssm_scan`` kernels (forward, backward) and, at the same channels x state x length, the
 VectorE-bound selective-scan design (forward; one ``tensor_tensor_scan`` per state per channel tile), it
@@ -9,10 +9,10 @@ prints every engine's instruction count and modelled busy time, the estimate (th
 overlap) and the engine that bounds the kernel. Times come from the cost model of
 ``neuron_kernels/interpreter/cost.py`` (public trn1 figures); they are estimates, not measurements.
 
-By default the kernels are traced: every instruction is checked against the hardware rules and counted,
-but nothing is computed (a full NumPy run at the default size takes minutes). ``--execute`` also runs the
-chunked kernels on random inputs and checks them against the ``torch`` backend; the selective-scan
-baseline is always traced (its per-step scans are far too slow to execute in NumPy at this size).
+The chunked kernels run on random inputs and their outputs and gradients are checked against the ``torch``
+backend (about 2 minutes of NumPy at the default size); ``--trace-only`` skips the computing and only checks
+every instruction against the hardware rules and counts it (the counts are the same). The selective-scan
+baseline is always traced: its per-step scans are far too slow to execute in NumPy at this size.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--state-dim", type=int, default=128)
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=128)
-    parser.add_argument("--execute", action="store_true", help="compute and check the chunked kernels too")
+    parser.add_argument("--trace-only", action="store_true", help="count instructions without computing")
     parser.add_argument("--json", type=Path, default=Path("bench/results/nki_cost.json"))
     return parser.parse_args()
 
@@ -120,15 +120,16 @@ def main() -> None:
     tensors = scan_inputs(args)
     config = {key: getattr(args, key) for key in ("batch", "seq_len", "heads", "head_dim", "state_dim", "groups")}
     config |= {"chunk_size": args.chunk_size, "dtype": "float32"}
-    mode = "executed" if args.execute else "traced"
+    execute = not args.trace_only
+    mode = "executed" if execute else "traced"
     print(f"NKI kernel cost ({mode}), {config}")
     scan_names = ["x", "dt", "A", "B", "C", "D", "initial_state"]
     forward, forward_s = timed(
-        ssm_scan_fwd, *kernel_args(tensors, scan_names, args.execute), args.chunk_size, execute=args.execute
+        ssm_scan_fwd, *kernel_args(tensors, scan_names, execute), args.chunk_size, execute=execute
     )
     backward_names = scan_names + ["d_y", "d_final_state"]
     backward, backward_s = timed(
-        ssm_scan_bwd, *kernel_args(tensors, backward_names, args.execute), args.chunk_size, execute=args.execute
+        ssm_scan_bwd, *kernel_args(tensors, backward_names, execute), args.chunk_size, execute=execute
     )
     batch, time_steps, heads, head_dim, state_dim = (
         args.batch,
@@ -167,7 +168,7 @@ def main() -> None:
     ratio = results["selective_scan_fwd_baseline"]["estimated_us"] / results["ssm_scan_fwd"]["estimated_us"]
     results["baseline_over_chunked_forward"] = ratio
     print(f"\nforward: the selective-scan baseline is estimated {ratio:.1f}x slower than the chunked kernel")
-    if args.execute:
+    if execute:
         errors = check_against_torch(tensors, forward.outputs, backward.outputs, args.chunk_size)
         results["max_relative_error_vs_torch"] = errors
         print("max |kernel - torch backend| / max |torch backend|:", {k: f"{v:.1e}" for k, v in errors.items()})
