@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 from bmojo.data.config import DataConfig, DataSource
 from bmojo.data.corpus import CorpusReport, DataError, load_documents, stdlib_documents
 from bmojo.data.loader import BlockLoader, eval_batches
+from bmojo.data.mqar import prepare_mqar
 from bmojo.data.packing import PackedData, pack_documents
 from bmojo.data.tokenizer import END_OF_TEXT, build_tokenizer, byte_tokenizer, load_pretrained_tokenizer, train_bpe
 
@@ -38,6 +39,8 @@ def prepare_data(
     config: DataConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[PreTrainedTokenizerBase, PackedData]:
     """Load, tokenize (training a tokenizer unless one is given) and pack the configured corpus."""
+    if config.source == DataSource.mqar:
+        return prepare_mqar(config.mqar, config.seq_len, seed, tokenizer)
     documents, report = load_documents(config, seed)
     logger.info("corpus: %s", report.summary())
     if tokenizer is None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from bmojo.data.mqar import MqarConfig
+
 
 class DataSource(Enum):
     stdlib = "stdlib"  # the Python standard library's sources and documentation topics: no network needed
     files = "files"  # local text / jsonl / parquet files
     hub = "hub"  # a dataset name on the Hugging Face hub
+    mqar = "mqar"  # synthetic multi-query associative recall (data.mqar), generated on the fly
 
 
 @dataclass
@@ -32,3 +35,4 @@ class DataConfig:
     skip_bad_files: bool = False  # skip (and count) unreadable or non-UTF-8 files instead of failing
     shuffle: bool = True
     cache_dir: str | None = None  # datasets cache; None: the Hugging Face default
+    mqar: MqarConfig = field(default_factory=MqarConfig)  # source=mqar only

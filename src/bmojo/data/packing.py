@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from bmojo.data.corpus import DataError
@@ -21,6 +23,11 @@ class PackedData:
     val: datasets.Dataset
     seq_len: int
     tokens: int  # tokens in all blocks together
+    label_fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: every next token is a target
+
+    def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's ``labels`` for a batch ``[B, T]`` of these blocks (synthetic tasks mask all but answers)."""
+        return input_ids if self.label_fn is None else self.label_fn(input_ids)
 
 
 def pack_documents(

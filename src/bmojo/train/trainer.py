@@ -204,7 +204,7 @@ class Trainer:
         for batch in eval_batches(data.val, self.config.trainer.micro_batch_size, self.config.trainer.eval_batches):
             batch = batch.to(self.device)
             with autocast(self.device, self.config.trainer.precision):
-                out = self.model(batch, labels=batch)
+                out = self.model(batch, labels=data.labels(batch))
             total += float(out.loss - out.aux_loss) * batch.shape[0]
             count += batch.shape[0]
         self.model.train(was_training)
@@ -218,7 +218,7 @@ class Trainer:
         finite = True
         for micro in step_blocks:
             with autocast(self.device, self.config.trainer.precision):
-                out = self.model(micro, labels=micro)
+                out = self.model(micro, labels=self.data.labels(micro))
             (out.loss / accum).backward()
             loss_value, aux_value = float(out.loss.detach()), float(out.aux_loss.detach())
             finite = finite and math.isfinite(loss_value)
