@@ -17,7 +17,8 @@ import scenarios  # noqa: E402
 
 from bmojo import BmojoConfig, BmojoForCausalLM  # noqa: E402
 from bmojo.parallel import Layout, ShardSpec, bmojo_plan  # noqa: E402
-from bmojo.parallel.checkpoint import LayoutMismatchError, check_layout, describe_layout  # noqa: E402
+from bmojo.parallel.checkpoint import LayoutMismatchError, check_layout, describe_layout, shard_file  # noqa: E402
+from bmojo.parallel.convert import convert  # noqa: E402
 from bmojo.parallel.plan import Output, Role, check_plan_fits  # noqa: E402
 
 PATTERNS = ["B", "MW", "A"]
@@ -131,4 +132,37 @@ def test_save_and_resume_under_the_same_layout_is_exact(tmp_path, world_size, la
         pattern=pattern,
         folder=str(tmp_path / "ckpt"),
         batch=BATCH,
+    )
+
+
+@pytest.mark.distributed
+def test_converter_moves_a_checkpoint_to_another_split(tmp_path):
+    source, record = tmp_path / "tp2_dp2", tmp_path / "loss.json"
+    layout = dict(tensor_parallel=2, data_parallel=2)
+    harness.launch(
+        4, scenarios.save_and_resume, layout=layout, pattern="B", folder=str(source), batch=BATCH, record_to=str(record)
+    )
+    full = convert(source, tmp_path / "full", tensor_parallel=1, pipeline_parallel=1)
+    model = BmojoForCausalLM(BmojoConfig(**{**harness.PATTERN_CONFIG, "layer_pattern": "B"}))
+    model.load_state_dict(
+        torch.load(shard_file(full, 0, 0), weights_only=True)["model"]
+    )  # strict: every name, full shape
+    back = convert(full, tmp_path / "back", tensor_parallel=2, pipeline_parallel=1)
+    for rank in range(2):
+        original, round_trip = (torch.load(shard_file(f, rank, 0), weights_only=True) for f in (source, back))
+        assert original["model"].keys() == round_trip["model"].keys()
+        assert all(torch.equal(original["model"][k], round_trip["model"][k]) for k in original["model"])
+        for name, values in original["optimizer"]["state"].items():
+            assert all(torch.equal(v, round_trip["optimizer"]["state"][name][k]) for k, v in values.items())
+    pipelined = convert(source, tmp_path / "pp2", tensor_parallel=1, pipeline_parallel=2)
+    # The same step-2 tokens as two microbatches of half the batch (the generator fills them in the same order).
+    layout = dict(pipeline_parallel=2, microbatches=2)
+    harness.launch(
+        2,
+        scenarios.resume_converted,
+        layout=layout,
+        pattern="B",
+        folder=str(pipelined),
+        batch=BATCH // 2,
+        expected_from=str(record),
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from harness import MAX_GRAD_NORM, STEPS, clone_model, make_optimizer, reference_training, step_batches, tiny_model
@@ -81,8 +84,10 @@ def _train_steps(engine: TorchEngine, optimizer, steps: range, batch: int) -> li
     return losses
 
 
-def save_and_resume(layout: dict, pattern: str, folder: str, batch: int) -> None:
-    """Train 2 steps, save, train 1; a fresh model that loads the checkpoint trains that step bit for bit."""
+def save_and_resume(layout: dict, pattern: str, folder: str, batch: int, record_to: str | None = None) -> None:
+    """Train 2 steps, save, train 1; a fresh model that loads the checkpoint trains that step bit for bit.
+    ``record_to``: a JSON file where rank 0 writes the loss of that step.
+    """
     layout = Layout(**layout)
     engine = TorchEngine(layout)
     engine.parallelize(tiny_model(pattern, seed=0))
@@ -90,6 +95,8 @@ def save_and_resume(layout: dict, pattern: str, folder: str, batch: int) -> None
     _train_steps(engine, optimizer, range(2), batch)
     engine.save(folder, optimizer)
     continued = _train_steps(engine, optimizer, range(2, 3), batch)
+    if record_to is not None and dist.get_rank() == 0:
+        Path(record_to).write_text(json.dumps(continued))
 
     resumed = TorchEngine(layout)
     resumed.parallelize(tiny_model(pattern, seed=1))
@@ -139,3 +146,14 @@ def memory_positions(layout: dict, batch: int) -> None:
             )
     for (positions, valid), (ref_positions, ref_valid) in zip(chosen, expected, strict=True):
         assert torch.equal(valid, ref_valid) and torch.equal(positions[valid], ref_positions[ref_valid])
+
+
+def resume_converted(layout: dict, pattern: str, folder: str, batch: int, expected_from: str) -> None:
+    """Resume a checkpoint converted from another layout: the next step's loss is the one recorded there."""
+    engine = TorchEngine(Layout(**layout))
+    engine.parallelize(tiny_model(pattern, seed=1))
+    optimizer = make_optimizer(list(engine.parameters()))
+    engine.load(folder, optimizer)
+    (expected,) = json.loads(Path(expected_from).read_text())
+    (loss,) = _train_steps(engine, optimizer, range(2, 3), batch)
+    assert abs(loss - expected) <= TOLERANCE, f"resumed loss {loss} vs {expected} before conversion"

@@ -112,20 +112,24 @@ class ParallelPlan:
         return self.param_specs.get(fqn, REPLICATED)
 
     def stage_units(self, num_stages: int) -> list[range]:
-        """Units of each pipeline stage: an even split, the first stages taking one more when it does not divide."""
-        if not 1 <= num_stages <= self.num_units:
-            raise ValueError(
-                f"pipeline_parallel_size={num_stages} needs between 1 and num_hidden_layers={self.num_units} stages"
-            )
-        base, extra = divmod(self.num_units, num_stages)
-        bounds = [0]
-        for stage in range(num_stages):
-            bounds.append(bounds[-1] + base + (stage < extra))
-        return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
+        return split_units(self.num_units, num_stages)
 
     def pipeline_cuts(self, num_stages: int) -> list[str]:
         """FQNs of the first unit of every stage but the first (NxD's ``pipeline_cuts`` convention: cut after)."""
         return [f"{self.units}.{r.start - 1}" for r in self.stage_units(num_stages)[1:]]
+
+
+def split_units(num_units: int, num_stages: int) -> list[range]:
+    """Units of each pipeline stage: an even split, the first stages taking one more when it does not divide."""
+    if not 1 <= num_stages <= num_units:
+        raise ValueError(
+            f"pipeline_parallel_size={num_stages} needs between 1 and num_hidden_layers={num_units} stages"
+        )
+    base, extra = divmod(num_units, num_stages)
+    bounds = [0]
+    for stage in range(num_stages):
+        bounds.append(bounds[-1] + base + (stage < extra))
+    return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
 
 
 def _ssm_specs(prefix: str, mixer: Mamba2Mixer) -> dict[str, ShardSpec]:

@@ -1,0 +1,122 @@
+"""Rewrite a sharded checkpoint of the PyTorch engine for another tensor/pipeline-parallel split.
+
+    python -m bmojo.parallel.convert SOURCE TARGET --tensor-parallel N --pipeline-parallel M
+
+Works from ``layout.json`` alone (shard specs and the pipeline split are recorded there), so it needs neither the
+model code nor several processes. ``--tensor-parallel 1 --pipeline-parallel 1`` gives one file whose ``model``
+entry is a plain full state dict (``BmojoForCausalLM.load_state_dict`` takes it). Optimizer states are converted
+with their parameters; the data-parallel size is free at resume time anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bmojo.parallel.checkpoint import LAYOUT_FILE, shard_file
+from bmojo.parallel.plan import ShardSpec, split_units
+
+
+def _spec(recorded: dict, name: str) -> ShardSpec:
+    fields = recorded["param_specs"].get(name)
+    if fields is None:
+        return ShardSpec()
+    return ShardSpec(fields["dim"], tuple(fields["segments"]), fields["partial_grad"])
+
+
+def _stage_of(name: str, pipeline: dict, stages: list[range]) -> int:
+    if any(name.startswith(prefix + ".") for prefix in pipeline["before_units"]):
+        return 0
+    if any(name.startswith(prefix + ".") for prefix in pipeline["after_units"]):
+        return len(stages) - 1
+    index = int(name[len(pipeline["units"]) + 1 :].split(".", 1)[0])
+    return next(s for s, units in enumerate(stages) if index in units)
+
+
+def _merge(recorded: dict, payloads: dict[tuple[int, int], dict]) -> dict:
+    """Full model tensors, optimizer state and param groups (names) from every (tp, pp) file of a checkpoint."""
+    tp = recorded["layout"]["tensor_parallel"]
+    pp = recorded["layout"]["pipeline_parallel"]
+    model, state, groups = {}, {}, None
+    for stage in range(pp):
+        files = [payloads[(rank, stage)] for rank in range(tp)]
+        for name in files[0]["model"]:
+            model[name] = _spec(recorded, name).merge([f["model"][name] for f in files])
+        if "optimizer" not in files[0]:
+            continue
+        for name, values in files[0]["optimizer"]["state"].items():
+            state[name] = {
+                key: _spec(recorded, name).merge([f["optimizer"]["state"][name][key] for f in files])
+                if torch.is_tensor(value) and value.ndim
+                else value
+                for key, value in values.items()
+            }
+        stage_groups = files[0]["optimizer"]["param_groups"]
+        if groups is None:
+            groups = [{**group, "params": []} for group in stage_groups]
+        for merged, group in zip(groups, stage_groups, strict=True):
+            merged["params"] += group["params"]
+    return {"model": model, "state": state, "groups": groups}
+
+
+def _split(full: dict, recorded: dict, tensor_parallel: int, stage_of: dict[str, int], tp_rank: int, stage: int):
+    def local(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        spec = _spec(recorded, name)
+        if spec.sharded and any(size % tensor_parallel for size in spec.segments):
+            raise ValueError(f"{name}: segments {spec.segments} do not split over {tensor_parallel} ranks")
+        return spec.local(tensor, tp_rank, tensor_parallel)
+
+    mine = [name for name in full["model"] if stage_of[name] == stage]
+    payload = {"model": {name: local(name, full["model"][name]) for name in mine}}
+    if full["groups"] is not None:
+        state = {
+            name: {k: local(name, v) if torch.is_tensor(v) and v.ndim else v for k, v in full["state"][name].items()}
+            for name in mine
+            if name in full["state"]
+        }
+        groups = [{**g, "params": [n for n in g["params"] if stage_of[n] == stage]} for g in full["groups"]]
+        payload["optimizer"] = {"state": state, "param_groups": groups}
+    return payload
+
+
+def convert(source: Path, target: Path, tensor_parallel: int, pipeline_parallel: int) -> Path:
+    """Write ``target`` holding ``source`` re-split ``tensor_parallel`` x ``pipeline_parallel`` ways."""
+    source, target = Path(source), Path(target)
+    recorded = json.loads((source / LAYOUT_FILE).read_text())
+    old = recorded["layout"]
+    payloads = {
+        (tp_rank, stage): torch.load(shard_file(source, tp_rank, stage), weights_only=True)
+        for tp_rank in range(old["tensor_parallel"])
+        for stage in range(old["pipeline_parallel"])
+    }
+    full = _merge(recorded, payloads)
+    pipeline = recorded["pipeline"]
+    stages = split_units(pipeline["num_units"], pipeline_parallel)
+    stage_of = {name: _stage_of(name, pipeline, stages) for name in full["model"]}
+    target.mkdir(parents=True, exist_ok=True)
+    for tp_rank in range(tensor_parallel):
+        for stage in range(pipeline_parallel):
+            payload = _split(full, recorded, tensor_parallel, stage_of, tp_rank, stage)
+            torch.save(payload, shard_file(target, tp_rank, stage))
+    layout = {**old, "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel}
+    layout["sequence_parallel"] = layout["sequence_parallel"] and tensor_parallel > 1
+    (target / LAYOUT_FILE).write_text(json.dumps({**recorded, "layout": layout}, indent=1))
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a checkpoint folder holding layout.json")
+    parser.add_argument("target", type=Path, help="where to write the converted checkpoint")
+    parser.add_argument("--tensor-parallel", type=int, required=True)
+    parser.add_argument("--pipeline-parallel", type=int, required=True)
+    args = parser.parse_args(argv)
+    written = convert(args.source, args.target, args.tensor_parallel, args.pipeline_parallel)
+    print(f"wrote {written} for tensor_parallel={args.tensor_parallel} pipeline_parallel={args.pipeline_parallel}")
+
+
+if __name__ == "__main__":
+    main()
