@@ -128,11 +128,12 @@ def test_split_sequence_carries_state(backend):
     torch.testing.assert_close(final_state, whole_state, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_or_unregistered_backend_raises():
+def test_unknown_or_unrunnable_backend_raises(monkeypatch):
     inputs = make_inputs(time=4)
     with pytest.raises(ValueError, match="unknown backend 'cuda_magic'"):
         ssm_scan(**inputs, backend="cuda_magic")
-    with pytest.raises(RuntimeError, match="backend 'nki' is not available"):
+    monkeypatch.delenv("BMOJO_NKI_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'nki' cannot run on cpu"):
         ssm_scan(**inputs, backend="nki")
 
 
