@@ -1,0 +1,1 @@
+"""Evaluation: MQAR recall, perplexity at several context lengths, and the family report."""
