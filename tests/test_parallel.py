@@ -53,8 +53,8 @@ def test_plan_covers_every_matrix_and_names_the_ssm_segments():
 
 
 def test_plan_refuses_splits_the_model_cannot_take_with_the_field_to_change():
-    config = BmojoConfig(**{**harness.PATTERN_CONFIG, "ssm_num_groups": 1})
-    with pytest.raises(ValueError, match="ssm_num_groups=1.*use ssm_num_groups=2"):
+    config = BmojoConfig(**{**harness.PATTERN_CONFIG, "hidden_size": 48, "ssm_num_groups": 3})  # 12 SSM heads
+    with pytest.raises(ValueError, match="ssm_num_groups=3: one must divide the other"):
         check_plan_fits(config, 2, False, None)
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         check_plan_fits(BmojoConfig(**harness.PATTERN_CONFIG), 4, False, None)
@@ -88,7 +88,14 @@ def test_checkpoint_of_another_split_names_the_converter(tmp_path):
 
 
 DISTRIBUTED_RUNS = {
-    "tp2": (2, [(dict(tensor_parallel=2), PATTERNS)]),
+    "tp2": (
+        2,
+        [
+            (dict(tensor_parallel=2), PATTERNS),
+            # One B/C group for two ranks (the recipes' default), and QK-norm weights shared by all heads.
+            (dict(tensor_parallel=2), ["B", "MW"], dict(ssm_num_groups=1, qk_norm=True)),
+        ],
+    ),
     "dp2": (2, [(dict(data_parallel=2, microbatches=2), PATTERNS)]),
     "pp2": (
         2,
@@ -97,12 +104,22 @@ DISTRIBUTED_RUNS = {
             (dict(pipeline_parallel=2, microbatches=2, schedule="gpipe"), ["B"]),
         ],
     ),
-    "tp2_dp2": (4, [(dict(tensor_parallel=2, data_parallel=2), PATTERNS)]),
+    "tp2_dp2": (
+        4,
+        [
+            (dict(tensor_parallel=2, data_parallel=2), PATTERNS),
+            (dict(tensor_parallel=2, data_parallel=2), ["B"], dict(ssm_num_groups=1)),
+        ],
+    ),
+    "tp4_shared_groups": (4, [(dict(tensor_parallel=4), ["B", "MW"], dict(ssm_num_groups=2, num_key_value_heads=4))]),
     "pp2_tp2": (4, [(dict(pipeline_parallel=2, tensor_parallel=2, sequence_parallel=True, microbatches=2), ["B"])]),
     "pp2_dp2_tp2": (8, [(dict(pipeline_parallel=2, data_parallel=2, tensor_parallel=2, microbatches=2), ["MW"])]),
     "tp2_sequence_parallel_checkpointing": (
         2,
-        [(dict(tensor_parallel=2, sequence_parallel=True, activation_checkpointing=True), PATTERNS)],
+        [
+            (dict(tensor_parallel=2, sequence_parallel=True, activation_checkpointing=True), PATTERNS),
+            (dict(tensor_parallel=2, sequence_parallel=True), ["B"], dict(ssm_num_groups=1)),
+        ],
     ),
 }
 

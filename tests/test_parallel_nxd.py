@@ -172,6 +172,27 @@ def test_ssm_is_sharded_per_segment_by_head(sharded):
     assert model.model.layers["0"].mixer_norm.weight.sequence_parallel_enabled is True
 
 
+def test_fewer_ssm_groups_than_ranks_are_kept_whole_by_the_ranks_that_read_them(monkeypatch):
+    fake = fake_nxd.install(monkeypatch, tp_rank=1, tp_size=2)
+    reference = BmojoForCausalLM(BmojoConfig(**{**CONFIG, "ssm_num_groups": 1}))
+    engine = NxDEngine(Layout(tensor_parallel=2))
+    model = engine.build(reference.config, weights=reference.state_dict())
+    full, local = reference.model.layers[1].mixer, model.model.layers["1"].mixer
+    inner, width, heads = full.inner_size, full.state_size, full.num_heads
+    z, x, b, c, dt = full.in_proj.weight.split([inner, inner, width, width, heads])
+    expected = torch.cat([z.chunk(2)[1], x.chunk(2)[1], b, c, dt.chunk(2)[1]])
+    assert torch.equal(local.in_proj.weight, expected)
+    (call,) = [c for c in fake.named("ColumnParallelLinear") if c.module is local.in_proj]
+    assert call.kwargs["output_size"] == 2 * expected.shape[0]
+    assert (local.num_groups, local.conv_dim) == (1, inner // 2 + 2 * width)
+    assert type(local.norm).__name__ == "SharedGroupGatedRMSNorm"
+    assert torch.equal(local.norm.weight, full.norm.weight.chunk(2)[1])
+    tokens = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(0))
+    loss, _ = model(tokens, tokens)
+    assert loss.isfinite()
+    assert fake.named("reduce_from_tensor_model_parallel_region")  # the norm's group statistic
+
+
 def test_residual_branches_gather_the_sequence_without_summing_twice(sharded):
     fake, engine, wrapper, reference = sharded
     # The local slices chain with consistent shapes, so rank 1's forward runs without collectives; tokens stay

@@ -160,6 +160,14 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         )
         return input_
 
+    def copy_to_tensor_model_parallel_region(input_, process_group=None):
+        fake.record("copy_to_tensor_model_parallel_region")
+        return input_
+
+    def reduce_from_tensor_model_parallel_region(input_, process_group=None):
+        fake.record("reduce_from_tensor_model_parallel_region")
+        return input_
+
     def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride, num_partitions=-1, rank_ordering=None):
         fake.record("set_tensor_model_parallel_attributes", tensor, is_parallel=is_parallel, dim=dim, stride=stride)
         tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = is_parallel, dim, stride
@@ -265,7 +273,9 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         ),
         "neuronx_distributed.parallel_layers.loss_functions": dict(parallel_cross_entropy=parallel_cross_entropy),
         "neuronx_distributed.parallel_layers.mappings": dict(
-            gather_from_sequence_parallel_region=gather_from_sequence_parallel_region
+            gather_from_sequence_parallel_region=gather_from_sequence_parallel_region,
+            copy_to_tensor_model_parallel_region=copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region=reduce_from_tensor_model_parallel_region,
         ),
         "neuronx_distributed.parallel_layers.parallel_state": vars(state),
         "neuronx_distributed.parallel_layers.utils": dict(

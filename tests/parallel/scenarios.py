@@ -32,18 +32,19 @@ def _expected_local(engine: TorchEngine, name: str, full: torch.Tensor) -> torch
     return spec.local(full, engine.tp_rank, engine.layout.tensor_parallel)
 
 
-def compare_training(runs: list[tuple[dict, list[str]]], batch: int) -> None:
-    """For each (layout, patterns): train STEPS steps in parallel and on one process; the losses and gradients
-    of every step and of the model after them agree within 1e-5, and so do the weights (within 1e-4, see above).
+def compare_training(runs: list[tuple], batch: int) -> None:
+    """For each (layout, patterns[, model overrides]): train STEPS steps in parallel and on one process; the
+    losses and gradients of every step and of the model after them agree within 1e-5, and so do the weights
+    (within 1e-4, see above).
     """
-    for layout_fields, patterns in runs:
+    for layout_fields, patterns, *model_overrides in runs:
         for pattern in patterns:
-            _compare_one(Layout(**layout_fields), pattern, batch)
+            _compare_one(Layout(**layout_fields), pattern, batch, **(model_overrides[0] if model_overrides else {}))
 
 
-def _compare_one(layout: Layout, pattern: str, batch: int) -> None:
+def _compare_one(layout: Layout, pattern: str, batch: int, **model_overrides) -> None:
     """One pattern under one layout against one process (see :func:`compare_training`)."""
-    model = tiny_model(pattern)
+    model = tiny_model(pattern, **model_overrides)
     reference = clone_model(model)
     history = reference_training(reference, layout.microbatches, batch)
     engine = TorchEngine(layout)

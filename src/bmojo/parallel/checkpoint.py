@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor
 
-from bmojo.parallel.tensor_parallel import tensor_parallel_local
+from bmojo.parallel.tensor_parallel import from_tensor_parallel_local, tensor_parallel_local
 
 if TYPE_CHECKING:
     from bmojo.parallel.torch_engine import TorchEngine
@@ -82,19 +82,9 @@ def check_layout(folder: Path, engine: TorchEngine) -> dict:
     return recorded
 
 
-def _from_tensor_parallel_local(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's local piece of ``like`` (a parameter or optimizer state) given its tensor-parallel slice."""
-    if not isinstance(like, DTensor):
-        return value
-    names = like.device_mesh.mesh_dim_names or ()
-    placements = [p if name == "tp" else Replicate() for name, p in zip(names, like.placements, strict=True)]
-    whole = DTensor.from_local(value, like.device_mesh, placements, run_check=False)
-    return whole.redistribute(like.device_mesh, like.placements).to_local()
-
-
 def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
     local = target.to_local() if isinstance(target, DTensor) else target
-    local.copy_(_from_tensor_parallel_local(value, target))
+    local.copy_(from_tensor_parallel_local(value, target))
 
 
 def save_sharded(folder: Path, engine: TorchEngine, optimizer: torch.optim.Optimizer | None) -> None:
@@ -160,5 +150,5 @@ def _from_state_value(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """A saved optimizer state tensor (tensor-parallel slice) shaped and placed like ``param``."""
     if not isinstance(param, DTensor):
         return value
-    local = _from_tensor_parallel_local(value, param)
+    local = from_tensor_parallel_local(value, param)
     return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

@@ -25,8 +25,9 @@ from bmojo.model.modeling import BmojoForCausalLM
 from bmojo.parallel.checkpoint import LAYOUT_FILE, LayoutMismatchError, describe_layout
 from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import Output, ParallelPlan, ShardSpec, bmojo_plan, check_plan_fits
+from bmojo.parallel.ssm_shard import localize_ssm_sizes, share_norm_groups
 from bmojo.parallel.stage import CausalLMWithLoss
-from bmojo.parallel.tensor_parallel import divide_attributes
+from bmojo.parallel.tensor_parallel import divide_attributes, sum_shared_rows
 
 INSTALL_HINT = (
     "the NxD engine needs neuronx-distributed from the Neuron SDK 2.28 environment (torch-neuronx 2.9, "
@@ -85,13 +86,15 @@ class _PlanApplier:
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
 
-    def _linear_slices(self, fqn: str, source: nn.Linear, target: nn.Module) -> nn.Module:
+    def _linear_slices(self, fqn: str, source: nn.Linear, target: nn.Module, copy: bool = True) -> nn.Module:
+        if not copy:
+            return target
         _copy_slice(target.weight, source.weight, self.plan.spec(f"{fqn}.weight"), self.rank, self.size)
         if source.bias is not None:
             _copy_slice(target.bias, source.bias, self.plan.spec(f"{fqn}.bias"), self.rank, self.size)
         return target
 
-    def _column_layer(self, fqn: str, source: nn.Linear, sequence_parallel: bool) -> nn.Module:
+    def _column_layer(self, fqn: str, source: nn.Linear, sequence_parallel: bool, copy: bool = True) -> nn.Module:
         layer = self.api.layers.ColumnParallelLinear(
             source.in_features,
             source.out_features,
@@ -101,7 +104,7 @@ class _PlanApplier:
             sequence_parallel_enabled=sequence_parallel,
             sequence_dimension=1 if sequence_parallel else None,
         )
-        return self._linear_slices(fqn, source, layer)
+        return self._linear_slices(fqn, source, layer, copy)
 
     def _row_layer(self, fqn: str, source: nn.Linear, output: Output) -> nn.Module:
         scatter = self.sequence_parallel and output == Output.residual
@@ -160,7 +163,14 @@ class _PlanApplier:
 
     def _ssm(self, model: nn.Module, rule, module: nn.Module) -> None:
         prefix = rule.fqn
-        module.in_proj = self._column_layer(f"{prefix}.in_proj", module.in_proj, sequence_parallel=False)
+        in_spec = self.plan.spec(f"{prefix}.in_proj.weight")
+        local_rows = in_spec.local(module.in_proj.weight.detach(), self.rank, self.size).shape[0]
+        # With fewer B/C groups than ranks each rank keeps its group whole, so a rank's rows are not out/size:
+        # the layer is sized from the local rows (its weights are copied from the plan's slices anyway).
+        source = nn.Linear(module.in_proj.in_features, local_rows * self.size, bias=False)
+        in_proj = self._column_layer(f"{prefix}.in_proj", source, sequence_parallel=False, copy=False)
+        _copy_slice(in_proj.weight, module.in_proj.weight, in_spec, self.rank, self.size)
+        module.in_proj = in_proj
         module.out_proj = self._row_layer(f"{prefix}.out_proj", module.out_proj, rule.output)
         for name, spec in self.plan.param_specs.items():
             if not name.startswith(prefix + ".") or ".in_proj." in name or ".out_proj." in name:
@@ -172,7 +182,14 @@ class _PlanApplier:
             local = nn.Parameter(spec.local(full.detach(), self.rank, self.size), requires_grad=full.requires_grad)
             self.api.utils.set_tensor_model_parallel_attributes(local, is_parallel=True, dim=spec.dim, stride=1)
             setattr(owner, param_name, local)
-        divide_attributes(module, rule.divide, self.size)
+        mappings = self.api.mappings
+
+        def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+            # Summed forward (reduce) and backward (copy): every rank feeds and reads the group statistic.
+            return mappings.copy_to_tensor_model_parallel_region(mappings.reduce_from_tensor_model_parallel_region(x))
+
+        share_norm_groups(module, module.num_groups, self.rank, self.size, sum_over_ranks)
+        localize_ssm_sizes(module, self.size)
 
 
 class NxDEngine:
@@ -269,13 +286,19 @@ class NxDEngine:
         return loss
 
     def _sum_partial_gradients(self) -> None:
-        """Sum over tensor-parallel ranks the gradients of replicated parameters each rank used for its heads only."""
+        """Sum over tensor-parallel ranks the gradients each rank computed only for its own heads: replicated
+        ``partial_grad`` parameters and B/C rows shared by several ranks."""
         if self.layout.tensor_parallel == 1:
             return
-        group = self.api.state.get_tensor_model_parallel_group()
+        group, size = self.api.state.get_tensor_model_parallel_group(), self.layout.tensor_parallel
+        rank = self.api.state.get_tensor_model_parallel_rank()
         for name, param in self.model.named_parameters():
-            if param.grad is not None and self.plan.spec(_model_name(name)).partial_grad:
+            if param.grad is None:
+                continue
+            spec = self.plan.spec(_model_name(name))
+            if spec.partial_grad:
                 dist.all_reduce(param.grad, group=group)
+            sum_shared_rows(param.grad, spec, rank, size, group)
 
     def save(self, folder: Path, tag: str, optimizer=None, scheduler=None, user_content: dict | None = None) -> None:
         """NxD's checkpoint (per-rank files, ZeRO-1 shards) plus ``<tag>/layout.json`` recording the layout."""

@@ -44,35 +44,67 @@ class ShardSpec:
     """How one parameter is split over ``size`` tensor-parallel ranks.
 
     Along ``dim`` the tensor is a concatenation of ``segments`` (sizes); each segment is split evenly and a rank
-    keeps, in order, its chunk of every segment. A fused projection such as the SSM ``in_proj`` (z, x, B, C, dt)
+    keeps, in order, its slice of every segment. A fused projection such as the SSM ``in_proj`` (z, x, B, C, dt)
     is therefore sharded per segment, never as one contiguous block. ``dim=None`` means replicated.
-    ``partial_grad`` marks a replicated parameter that each rank applies only to its own heads, so its gradient
-    is a partial sum that engines add up over the tensor-parallel group.
+
+    ``max_parts`` (per segment, ``None`` = no limit) caps how many slices a segment is cut into: the SSM's B/C
+    rows come in ``ssm_num_groups`` groups that cannot be cut, so with fewer groups than ranks each group is kept
+    whole by the ``size / parts`` consecutive ranks whose heads read it. Those ranks each see only their heads'
+    share of its gradient (:meth:`shared_rows`), as do ranks holding a ``partial_grad`` replicated parameter;
+    engines add such gradients up over the ranks that share them.
     """
 
     dim: int | None = None
     segments: tuple[int, ...] = ()
     partial_grad: bool = False
+    max_parts: tuple[int | None, ...] = ()
 
     @property
     def sharded(self) -> bool:
         return self.dim is not None
+
+    def parts(self, index: int, size: int) -> int:
+        """How many slices segment ``index`` is cut into over ``size`` ranks."""
+        limit = self.max_parts[index] if self.max_parts else None
+        if limit is None or limit >= size:
+            return size
+        if size % limit:
+            raise ValueError(f"{size} ranks cannot share {limit} undivisible groups evenly")
+        return limit
 
     def local(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
         """The slice rank ``rank`` of ``size`` keeps: full [..] -> local [..] (a new contiguous tensor)."""
         if self.dim is None:
             return full.clone()
         pieces = full.split(list(self.segments), dim=self.dim)
-        return torch.cat([piece.chunk(size, dim=self.dim)[rank] for piece in pieces], dim=self.dim).contiguous()
+        slices = []
+        for index, piece in enumerate(pieces):
+            parts = self.parts(index, size)
+            slices.append(piece.chunk(parts, dim=self.dim)[rank // (size // parts)])
+        return torch.cat(slices, dim=self.dim).contiguous()
 
     def merge(self, locals_by_rank: list[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`local`: the full tensor from every rank's slice (rank order)."""
         if self.dim is None:
             return locals_by_rank[0].clone()
         size = len(locals_by_rank)
-        split = [s // size for s in self.segments]
+        parts = [self.parts(i, size) for i in range(len(self.segments))]
+        split = [segment // p for segment, p in zip(self.segments, parts, strict=True)]
         per_rank = [local.split(split, dim=self.dim) for local in locals_by_rank]
-        return torch.cat([per_rank[r][i] for i in range(len(split)) for r in range(size)], dim=self.dim)
+        pieces = [per_rank[r][i] for i, p in enumerate(parts) for r in range(0, size, size // p)]
+        return torch.cat(pieces, dim=self.dim)
+
+    def shared_rows(self, size: int) -> list[tuple[int, int, int]]:
+        """(start, stop, parts) along ``dim`` of a local slice for every segment kept by several ranks."""
+        if self.dim is None:
+            return []
+        shared, start = [], 0
+        for index, segment in enumerate(self.segments):
+            parts = self.parts(index, size)
+            if parts < size:
+                shared.append((start, start + segment // parts, parts))
+            start += segment // parts
+        return shared
 
 
 REPLICATED = ShardSpec()
@@ -134,20 +166,20 @@ def split_units(num_units: int, num_stages: int) -> list[range]:
 
 def _ssm_specs(prefix: str, mixer: Mamba2Mixer) -> dict[str, ShardSpec]:
     groups_width = mixer.num_groups * mixer.state_size
-    conv_segments = (mixer.inner_size, groups_width, groups_width)
+    groups = mixer.num_groups
+    conv = ShardSpec(0, (mixer.inner_size, groups_width, groups_width), max_parts=(None, groups, groups))
     return {
-        f"{prefix}.in_proj.weight": ShardSpec(0, tuple(mixer.in_proj_segments)),
-        f"{prefix}.conv1d.weight": ShardSpec(0, conv_segments),
-        f"{prefix}.conv1d.bias": ShardSpec(0, conv_segments),
+        f"{prefix}.in_proj.weight": ShardSpec(
+            0, tuple(mixer.in_proj_segments), max_parts=(None, None, groups, groups, None)
+        ),
+        f"{prefix}.conv1d.weight": conv,
+        f"{prefix}.conv1d.bias": conv,
         f"{prefix}.dt_bias": ShardSpec(0, (mixer.num_heads,)),
         f"{prefix}.A_log": ShardSpec(0, (mixer.num_heads,)),
         f"{prefix}.D": ShardSpec(0, (mixer.num_heads,)),
         f"{prefix}.norm.weight": ShardSpec(0, (mixer.inner_size,)),
         f"{prefix}.out_proj.weight": ShardSpec(1, (mixer.inner_size,)),
     }
-
-
-SSM_DIVIDED = ("inner_size", "num_heads", "num_groups", "conv_dim", "in_proj_segments")
 
 
 def _linear(rules: list, specs: dict, fqn: str, linear: nn.Linear, role: Role, output: Output | None = None) -> None:
@@ -169,7 +201,7 @@ def bmojo_plan(model: BmojoForCausalLM) -> ParallelPlan:
         rules += [ModuleRule(f"{prefix}.mixer_norm", Role.sequence_norm), ModuleRule(f"{prefix}.mixer", Role.branch)]
         mixer = block.mixer
         if isinstance(mixer, Mamba2Mixer):
-            rules.append(ModuleRule(f"{prefix}.mixer", Role.ssm, Output.residual, SSM_DIVIDED))
+            rules.append(ModuleRule(f"{prefix}.mixer", Role.ssm, Output.residual))
             specs.update(_ssm_specs(f"{prefix}.mixer", mixer))
         else:
             _attention_rules(rules, specs, f"{prefix}.mixer", mixer)
@@ -203,7 +235,7 @@ def _attention_rules(rules: list, specs: dict, prefix: str, mixer: AttentionMixe
             specs[f"{prefix}.{name}.weight"] = ShardSpec(partial_grad=True)
     if mixer.ssm is not None:
         # The SSM output feeds the fading keys through k_proj/v_proj, which need it whole on every rank.
-        rules.append(ModuleRule(f"{prefix}.ssm", Role.ssm, Output.replicated, SSM_DIVIDED))
+        rules.append(ModuleRule(f"{prefix}.ssm", Role.ssm, Output.replicated))
         specs.update(_ssm_specs(f"{prefix}.ssm", mixer.ssm))
 
 
@@ -222,17 +254,15 @@ def check_plan_fits(config: BmojoConfig, tensor_parallel: int, sequence_parallel
         ]
     if letters & set("MFB"):
         needs += [("ssm heads (ssm_expand * hidden_size / ssm_head_dim)", config.ssm_num_heads)]
-        needs += [("ssm_num_groups", config.ssm_num_groups)]
+        groups = config.ssm_num_groups
+        if groups % tensor_parallel and tensor_parallel % groups:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel} and ssm_num_groups={groups}: one must divide the other "
+                "(each rank reads the B/C group of its SSM heads; groups are split over ranks or shared by them)"
+            )
     for name, value in needs:
         if value % tensor_parallel:
-            hint = ""
-            if name == "ssm_num_groups":
-                hint = (
-                    "; each rank keeps whole B/C groups and normalises its heads within them, so use "
-                    f"ssm_num_groups={tensor_parallel} (as Mamba-2 on NxD does) or a multiple of it"
-                )
-            elif name == "vocab_size":
-                hint = "; pad the vocabulary (model.pad_vocab_multiple) to a multiple of it"
+            hint = "; pad the vocabulary (model.pad_vocab_multiple) to a multiple of it" if name == "vocab_size" else ""
             raise ValueError(f"tensor_parallel_size={tensor_parallel} does not divide model {name}={value}{hint}")
     if sequence_parallel and seq_len is not None and seq_len % tensor_parallel:
         raise ValueError(

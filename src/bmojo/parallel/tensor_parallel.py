@@ -9,7 +9,10 @@ Activations stay ``[B, T, D]``; sequence parallelism shards dim 1 of the residua
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -21,8 +24,9 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from bmojo.parallel.collectives import copy_to_region, reduce_from_region, reduce_scatter_region
+from bmojo.parallel.collectives import copy_to_region, reduce_from_region, reduce_scatter_region, sum_over_region
 from bmojo.parallel.plan import Output, ParallelPlan, Role, ShardSpec
+from bmojo.parallel.ssm_shard import localize_ssm_sizes, share_norm_groups
 
 
 def shard_parameters_in_place(module: nn.Module, specs: dict[str, ShardSpec], rank: int, size: int) -> None:
@@ -49,17 +53,19 @@ def divide_attributes(module: nn.Module, names: tuple[str, ...], size: int) -> N
 class SsmHeadParallel(ParallelStyle):
     """A Mamba-2 mixer split by head: ``in_proj`` per segment, conv and per-head parameters sliced alike,
     ``out_proj`` row-parallel. The output is all-reduced, or reduce-scattered along the sequence when it
-    returns to a sequence-parallel residual stream.
+    returns to a sequence-parallel residual stream. B/C groups fewer than the ranks are shared by the ranks whose
+    heads read them (their gradients are completed by the engine, see ``ShardSpec.shared_rows``).
     """
 
-    def __init__(self, specs: dict[str, ShardSpec], divide: tuple[str, ...], output: Output, sequence_parallel: bool):
+    def __init__(self, specs: dict[str, ShardSpec], output: Output, sequence_parallel: bool):
         super().__init__()
-        self.specs, self.divide, self.output, self.sequence_parallel = specs, divide, output, sequence_parallel
+        self.specs, self.output, self.sequence_parallel = specs, output, sequence_parallel
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         group, rank, size = device_mesh.get_group(), device_mesh.get_local_rank(), device_mesh.size()
         shard_parameters_in_place(module, self.specs, rank, size)
-        divide_attributes(module, self.divide, size)
+        share_norm_groups(module, module.num_groups, rank, size, partial(sum_over_region, group=group))
+        localize_ssm_sizes(module, size)
         scatter = self.sequence_parallel and self.output == Output.residual
 
         def enter(_module: nn.Module, args: tuple) -> tuple:
@@ -122,7 +128,7 @@ def apply_tensor_parallel(stage: nn.Module, plan: ParallelPlan, tp_mesh: DeviceM
             divide_attributes(stage.get_submodule(rule.fqn), rule.divide, tp_mesh.size())
         elif rule.role == Role.ssm:
             specs = _relative(plan.param_specs, rule.fqn)
-            styles[rule.fqn] = SsmHeadParallel(specs, rule.divide, rule.output, sequence_parallel)
+            styles[rule.fqn] = SsmHeadParallel(specs, rule.output, sequence_parallel)
     # Gathers first, so a branch sees the whole sequence before any of its own hooks run.
     parallelize_module(stage, tp_mesh, gather_styles)
     parallelize_module(stage, tp_mesh, styles)
@@ -138,6 +144,20 @@ def _retie_embeddings(stage: nn.Module) -> None:
         stage.lm_head.weight = stage.model.embed_tokens.weight
 
 
+def sum_shared_rows(grad: torch.Tensor, spec: ShardSpec, rank: int, size: int, group) -> None:
+    """Complete, in place, the gradient rows of segments several ranks keep whole (``ShardSpec.shared_rows``):
+    each such rank holds only its heads' share. grad: this rank's tensor-parallel slice (whole over other dims).
+    """
+    for start, stop, parts in spec.shared_rows(size):
+        rows = grad.narrow(spec.dim, start, stop - start)
+        part = rank // (size // parts)
+        # One slot per part, so ranks of different parts add into different slots of one all-reduce.
+        slots = rows.new_zeros((parts, *rows.shape))
+        slots[part] = rows
+        dist.all_reduce(slots, group=group)
+        rows.copy_(slots[part])
+
+
 def tensor_parallel_local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's tensor-parallel slice of a parameter or gradient, whole over every other mesh dimension.
 
@@ -149,3 +169,14 @@ def tensor_parallel_local(tensor: torch.Tensor) -> torch.Tensor:
     names = tensor.device_mesh.mesh_dim_names or ()
     placements = [p if name == "tp" else Replicate() for name, p in zip(names, tensor.placements, strict=True)]
     return tensor.redistribute(placements=placements).to_local()
+
+
+def from_tensor_parallel_local(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`tensor_parallel_local`: this rank's local piece of ``like`` (a parameter, gradient or
+    optimizer state) given its tensor-parallel slice ``value``."""
+    if not isinstance(like, DTensor):
+        return value
+    names = like.device_mesh.mesh_dim_names or ()
+    placements = [p if name == "tp" else Replicate() for name, p in zip(names, like.placements, strict=True)]
+    whole = DTensor.from_local(value, like.device_mesh, placements, run_check=False)
+    return whole.redistribute(like.device_mesh, like.placements).to_local()

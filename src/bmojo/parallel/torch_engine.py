@@ -27,7 +27,12 @@ from bmojo.parallel.checkpoint import load_sharded, save_sharded
 from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import ParallelPlan, bmojo_plan, check_plan_fits
 from bmojo.parallel.stage import CausalLMStage
-from bmojo.parallel.tensor_parallel import apply_tensor_parallel
+from bmojo.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    from_tensor_parallel_local,
+    sum_shared_rows,
+    tensor_parallel_local,
+)
 
 
 @dataclass
@@ -174,29 +179,44 @@ class TorchEngine:
 
     def _finish_gradients(self) -> None:
         """Give every DTensor gradient its parameter's placements (a vocab-parallel embedding's comes back
-        replicated), and add up over tensor-parallel ranks the gradients of replicated parameters that each rank
-        used only for its own heads.
+        replicated), and add up over tensor-parallel ranks the gradients each rank computed only for its own heads:
+        replicated ``partial_grad`` parameters and B/C rows shared by several ranks.
         """
         if self.tp_mesh is None:
             return
+        group, size = self.tp_mesh.get_group(), self.layout.tensor_parallel
         for name, param in self.named_parameters():
             grad = param.grad
             if grad is None:
                 continue
             if isinstance(grad, DTensor) and grad.placements != param.placements:
                 param.grad = grad = grad.redistribute(placements=param.placements)
-            if self.plan.spec(name).partial_grad:
-                local = grad.to_local() if isinstance(grad, DTensor) else grad
-                dist.all_reduce(local, group=self.tp_mesh.get_group())
+            spec = self.plan.spec(name)
+            if spec.partial_grad:
+                dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+            if spec.shared_rows(size):
+                whole = tensor_parallel_local(grad)
+                sum_shared_rows(whole, spec, self.tp_rank, size, group)
+                if isinstance(grad, DTensor):
+                    grad.to_local().copy_(from_tensor_parallel_local(whole, grad))
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
         """Global L2 norm of the gradients over every rank's share, each element counted once; clips in place."""
-        sharded, replicated = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        tp_size = self.layout.tensor_parallel
+        # Squares of: tensor-sharded slices, replicated tensors, and slices gathered whole over data parallelism.
+        sharded, replicated, whole = (torch.zeros((), dtype=torch.float64) for _ in range(3))
         grads = []
         for name, param in self.named_parameters():
             if param.grad is None:
                 continue
             grads.append(param.grad)
+            spec = self.plan.spec(name)
+            if tp_size > 1 and spec.shared_rows(tp_size):
+                squares = tensor_parallel_local(param.grad).detach().double().pow(2)
+                for start, stop, parts in spec.shared_rows(tp_size):
+                    squares.narrow(spec.dim, start, stop - start).mul_(parts / tp_size)  # kept by tp/parts ranks
+                whole += squares.sum().cpu()
+                continue
             local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
             square = local.detach().double().pow(2).sum().cpu()
             if self._tensor_sharded(name, param):
@@ -205,9 +225,11 @@ class TorchEngine:
                 replicated += square
         if self.tp_mesh is not None:
             dist.all_reduce(sharded, group=self.tp_mesh.get_group())
+            dist.all_reduce(whole, group=self.tp_mesh.get_group())
         total = sharded + replicated
         if self.layout.data_parallel > 1:  # FSDP2 keeps one dim-0 slice of every gradient per rank
             dist.all_reduce(total, group=self.mesh["dp"].get_group())
+        total += whole
         if self.layout.pipeline_parallel > 1:
             dist.all_reduce(total, group=self.mesh["pp"].get_group())
         norm = float(total.sqrt())
