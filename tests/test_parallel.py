@@ -94,6 +94,8 @@ DISTRIBUTED_RUNS = {
             (dict(tensor_parallel=2), PATTERNS),
             # One B/C group for two ranks (the recipes' default), and QK-norm weights shared by all heads.
             (dict(tensor_parallel=2), ["B", "MW"], dict(ssm_num_groups=1, qk_norm=True)),
+            # The vocab-parallel embedding and head share one sharded weight.
+            (dict(tensor_parallel=2), ["A"], dict(tie_word_embeddings=True)),
         ],
     ),
     "dp2": (2, [(dict(data_parallel=2, microbatches=2), PATTERNS)]),
@@ -108,7 +110,7 @@ DISTRIBUTED_RUNS = {
         4,
         [
             (dict(tensor_parallel=2, data_parallel=2), PATTERNS),
-            (dict(tensor_parallel=2, data_parallel=2), ["B"], dict(ssm_num_groups=1)),
+            (dict(tensor_parallel=2, data_parallel=2), ["B"], dict(ssm_num_groups=1, tie_word_embeddings=True)),
         ],
     ),
     "tp4_shared_groups": (4, [(dict(tensor_parallel=4), ["B", "MW"], dict(ssm_num_groups=2, num_key_value_heads=4))]),
