@@ -26,16 +26,9 @@ def select_device(backend: BackendConfig) -> torch.device:
     if backend.num_threads is not None:
         torch.set_num_threads(backend.num_threads)
     if backend.device == Device.xla:
-        try:
-            import torch_xla.core.xla_model as xm  # noqa: F401  (only present in the Neuron environment)
-        except ImportError:
-            raise DeviceError(
-                "backend=trn1 (device xla) needs torch-xla and the Neuron SDK, which are not installed here; "
-                "run it inside the Neuron environment described in launch/, or use backend=cpu / backend=gpu"
-            ) from None
-        raise DeviceError(
-            "the trn1 training lane is not part of this build yet; use backend=cpu or backend=gpu meanwhile"
-        )
+        from bmojo.train.xla import xla_device  # torch-xla is imported only when asked for
+
+        return xla_device()
     if backend.device == Device.cuda or (backend.device == Device.auto and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise DeviceError("backend.device=cuda but no CUDA device is visible; use backend=cpu")
@@ -48,6 +41,20 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     if precision == Precision.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_host(tree):
+    """``tree`` (nested dicts, lists, tuples) with every tensor not on the CPU copied there.
+
+    A checkpoint holding XLA or CUDA tensors would only load back onto that kind of device.
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree if tree.device.type == "cpu" else tree.cpu()
+    if isinstance(tree, dict):
+        return {key: to_host(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_host(value) for value in tree)
+    return tree
 
 
 def seed_everything(seed: int) -> None:

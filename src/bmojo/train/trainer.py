@@ -26,7 +26,7 @@ from bmojo.train.checkpoint import (
     save_checkpoint,
 )
 from bmojo.train.config import ModelConfig, Resume, RunConfig
-from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state
+from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state, to_host
 from bmojo.train.export import export_model, generate_sample
 from bmojo.train.metrics import MetricsLog
 from bmojo.train.schedule import lr_multiplier
@@ -105,7 +105,7 @@ class Trainer:
         started = time.perf_counter()
         self.tokenizer, self.data = prepare_data(cfg.data, cfg.seed, tokenizer)
         self.timings = {"data_s": time.perf_counter() - started}
-        self.model = (model or build_model(cfg.model, self.tokenizer)).to(self.device)
+        self.model = self._place_model(model or build_model(cfg.model, self.tokenizer))
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} entries but the model only {self.model.config.vocab_size}"
@@ -143,6 +143,14 @@ class Trainer:
             logger.info("resuming from %s", found)
         return found
 
+    def _place_model(self, model: BmojoForCausalLM) -> BmojoForCausalLM:
+        """The model on the training device, ready for the optimizer to be built over its parameters."""
+        return model.to(self.device)
+
+    def _host_model(self) -> BmojoForCausalLM:
+        """The model holding the current weights, as checkpoints, export and sampling read it."""
+        return self.model
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
         if optim.name != "adamw":
@@ -172,7 +180,7 @@ class Trainer:
 
     def _save(self) -> Path:
         state = TrainingState(
-            optimizer=self.optimizer.state_dict(),
+            optimizer=to_host(self.optimizer.state_dict()),
             scheduler=self.scheduler.state_dict(),
             trainer={
                 "step": self.step,
@@ -186,7 +194,7 @@ class Trainer:
         return save_checkpoint(
             self.checkpoint_root,
             self.step,
-            self.model,
+            self._host_model(),
             self.tokenizer,
             state,
             self.config_yaml,
@@ -209,6 +217,11 @@ class Trainer:
             count += batch.shape[0]
         self.model.train(was_training)
         return total / count
+
+    def _is_log_step(self) -> bool:
+        """Whether the step just taken is logged; the XLA trainer reads device values at these steps only."""
+        cfg = self.config.trainer
+        return self.step % cfg.log_every == 0 or self.step == cfg.max_steps
 
     def _train_step(self) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum_steps`` micro-batches; None when it was skipped."""
@@ -292,7 +305,7 @@ class Trainer:
                     )
                 tqdm.write(f"step {self.step}: non-finite loss or gradient, update skipped")
                 continue
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self._is_log_step():
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                 window_start, window_steps = time.perf_counter(), 0
@@ -328,9 +341,9 @@ class Trainer:
             tqdm.write(f"stopped at step {self.step} ({reason}); checkpoint {checkpoint}; rerun to resume")
             return summary
         if cfg.export_at_end:
-            summary.export_dir = export_model(self.model, self.tokenizer, self.run_dir / "export")
+            summary.export_dir = export_model(self._host_model(), self.tokenizer, self.run_dir / "export")
         if cfg.sample_tokens > 0:
             summary.sample = generate_sample(
-                self.model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=self.config.seed
+                self._host_model(), self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=self.config.seed
             )
         return summary
