@@ -161,12 +161,12 @@ class TorchEngine:
         return self._step_losses()
 
     def _step_losses(self) -> StepLosses:
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # on the device: nccl reduces no CPU tensor
         # The pipeline's first step also calls the loss on placeholder outputs to size its buffers: the step's
         # own losses are the last ``microbatches`` recorded.
         recorded = self._recorded[-self.layout.microbatches :]
         for lm, aux in recorded:
-            sums += torch.stack([lm.double().cpu(), aux.double().cpu()])
+            sums += torch.stack([lm.double(), aux.double()])
         if recorded:
             sums /= len(recorded)
         if self.layout.pipeline_parallel > 1:
@@ -204,7 +204,7 @@ class TorchEngine:
         """Global L2 norm of the gradients over every rank's share, each element counted once; clips in place."""
         tp_size = self.layout.tensor_parallel
         # Squares of: tensor-sharded slices, replicated tensors, and slices gathered whole over data parallelism.
-        sharded, replicated, whole = (torch.zeros((), dtype=torch.float64) for _ in range(3))
+        sharded, replicated, whole = (torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(3))
         grads = []
         for name, param in self.named_parameters():
             if param.grad is None:
@@ -215,10 +215,10 @@ class TorchEngine:
                 squares = tensor_parallel_local(param.grad).detach().double().pow(2)
                 for start, stop, parts in spec.shared_rows(tp_size):
                     squares.narrow(spec.dim, start, stop - start).mul_(parts / tp_size)  # kept by tp/parts ranks
-                whole += squares.sum().cpu()
+                whole += squares.sum()
                 continue
             local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-            square = local.detach().double().pow(2).sum().cpu()
+            square = local.detach().double().pow(2).sum()
             if self._tensor_sharded(name, param):
                 sharded += square
             else:
