@@ -20,6 +20,7 @@ from bmojo.parallel import Layout, ShardSpec, bmojo_plan  # noqa: E402
 from bmojo.parallel.checkpoint import LayoutMismatchError, check_layout, describe_layout, shard_file  # noqa: E402
 from bmojo.parallel.convert import convert  # noqa: E402
 from bmojo.parallel.plan import Output, Role, check_plan_fits  # noqa: E402
+from bmojo.parallel.setup import build_engine, layout_from_config  # noqa: E402
 
 PATTERNS = ["B", "MW", "A"]
 BATCH = 4
@@ -74,6 +75,24 @@ def test_layout_orders_ranks_pp_dp_tp_and_rejects_bad_combinations():
         Layout(pipeline_parallel=4, microbatches=2)
     with pytest.raises(ValueError, match="schedule"):
         Layout(schedule="zero-bubble")
+
+
+def test_recipe_gives_the_layout_and_the_backend_the_engine(monkeypatch):
+    parallel = SimpleNamespace(
+        tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=None, sequence_parallel=True, zero1=True
+    )
+    layout = layout_from_config(parallel, microbatches=4, world_size=8)
+    assert (layout.data_parallel, layout.tensor_parallel, layout.pipeline_parallel) == (2, 2, 2)
+    assert layout.sequence_parallel and layout.zero1 and layout.microbatches == 4 and layout.schedule == "1f1b"
+    with pytest.raises(ValueError, match="set it to 2 or null"):
+        layout_from_config(SimpleNamespace(**{**vars(parallel), "data_parallel_size": 4}), 4, 8)
+    with pytest.raises(ValueError, match="start a multiple of 4 processes"):
+        layout_from_config(parallel, 4, 6)
+    monkeypatch.setitem(sys.modules, "neuronx_distributed", None)
+    with pytest.raises(ImportError, match="Neuron SDK"):
+        build_engine("nxd", Layout())
+    with pytest.raises(ValueError, match="not one of"):
+        build_engine("deepspeed", Layout())
 
 
 def test_checkpoint_of_another_split_names_the_converter(tmp_path):

@@ -137,9 +137,6 @@ class ParallelPlan:
     after_units: tuple[str, ...]
     leaf_classes: tuple[type[nn.Module], ...] = field(default=())
 
-    def rules_with(self, role: Role) -> list[ModuleRule]:
-        return [rule for rule in self.rules if rule.role == role]
-
     def spec(self, fqn: str) -> ShardSpec:
         return self.param_specs.get(fqn, REPLICATED)
 

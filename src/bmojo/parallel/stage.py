@@ -40,7 +40,6 @@ class CausalLMStage(nn.Module):
         self.config = model.config
         self.is_first = units.start == 0
         self.is_last = units.stop == plan.num_units
-        self.unit_indices = list(units)
         self.activation_checkpointing = False
         for fqn in plan.before_units if self.is_first else ():
             _place(self, fqn, model.get_submodule(fqn))
