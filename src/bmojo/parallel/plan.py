@@ -8,7 +8,7 @@ over tensor-parallel ranks (:class:`ShardSpec`), which is what checkpoints, gath
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -135,7 +135,7 @@ class ParallelPlan:
     num_units: int
     before_units: tuple[str, ...]
     after_units: tuple[str, ...]
-    leaf_classes: tuple[type[nn.Module], ...] = field(default=())
+    leaf_classes: tuple[type[nn.Module], ...] = ()
 
     def spec(self, fqn: str) -> ShardSpec:
         return self.param_specs.get(fqn, REPLICATED)
@@ -144,7 +144,7 @@ class ParallelPlan:
         return split_units(self.num_units, num_stages)
 
     def pipeline_cuts(self, num_stages: int) -> list[str]:
-        """FQNs of the first unit of every stage but the first (NxD's ``pipeline_cuts`` convention: cut after)."""
+        """FQNs of the last unit of every stage but the last (NxD's ``pipeline_cuts``: it cuts after each)."""
         return [f"{self.units}.{r.start - 1}" for r in self.stage_units(num_stages)[1:]]
 
 
