@@ -71,6 +71,8 @@ def _compare_one(layout: Layout, pattern: str, batch: int, **model_overrides) ->
     for name, param in engine.named_parameters():
         local, full = tensor_parallel_local(param.detach()), expected[name].detach()
         _close(f"{pattern} weight {name}", local, _expected_local(engine, name, full), WEIGHT_TOLERANCE)
+    evaluated = engine.eval_step(batches[:, engine.dp_rank * share : (engine.dp_rank + 1) * share])
+    assert abs(evaluated.lm_loss - history[-1][0]) <= TOLERANCE, f"{pattern}: eval loss {evaluated.lm_loss}"
 
 
 def _train_steps(engine: TorchEngine, optimizer, steps: range, batch: int) -> list[float]:

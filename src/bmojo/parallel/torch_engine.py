@@ -140,24 +140,35 @@ class TorchEngine:
         """Forward and backward over one optimizer step. batches: [microbatches, B, T] token ids (labels = inputs),
         this data-parallel rank's share. Gradients are left in ``.grad``, averaged over micro-batches and ranks.
         """
+        return self._run(batches, train=True)
+
+    @torch.no_grad()
+    def eval_step(self, batches: torch.Tensor) -> StepLosses:
+        """Losses of ``batches`` ([microbatches, B, T], this data-parallel rank's share) without gradients."""
+        return self._run(batches, train=False)
+
+    def _run(self, batches: torch.Tensor, train: bool) -> StepLosses:
         if batches.ndim != 3 or batches.shape[0] != self.layout.microbatches:
             raise ValueError(
-                f"train_step expects [microbatches={self.layout.microbatches}, batch, seq] token ids, "
+                f"expected [microbatches={self.layout.microbatches}, batch, seq] token ids, "
                 f"got shape {tuple(batches.shape)}"
             )
         batches = batches.to(self.device)
         self._recorded.clear()
-        self.stage.train()
+        self.stage.train(train)
         with loss_parallel() if self.tp_mesh is not None else nullcontext():
             if self._schedule is None:
                 for micro in batches:
                     loss = self._loss_fn(self.stage(micro), micro)
-                    (loss / len(batches)).backward()
+                    if train:
+                        (loss / len(batches)).backward()
             else:
                 flat = batches.flatten(0, 1)
                 inputs = (flat,) if self.stage.is_first else ()
-                self._schedule.step(*inputs, target=flat if self.stage.is_last else None, return_outputs=False)
-        self._finish_gradients()
+                run = self._schedule.step if train else self._schedule.eval
+                run(*inputs, target=flat if self.stage.is_last else None, return_outputs=False)
+        if train:
+            self._finish_gradients()
         return self._step_losses()
 
     def _step_losses(self) -> StepLosses:
