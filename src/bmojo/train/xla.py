@@ -74,9 +74,11 @@ def host_fallback_ops() -> dict[str, int]:
     """Operations torch-xla ran on the host instead of in the graph (``aten::`` counters), with their counts.
 
     Each one copies its inputs to the host and its result back, which splits the step's graph and stalls it.
+    ``aten::_local_scalar_dense`` is left out: it counts values read with ``.item()``, as logging does.
     """
     metrics = import_torch_xla().metrics
-    return {name: metrics.counter_value(name) for name in metrics.counter_names() if name.startswith("aten::")}
+    names = [name for name in metrics.counter_names() if name.startswith("aten::")]
+    return {name: metrics.counter_value(name) for name in names if name != "aten::_local_scalar_dense"}
 
 
 def configure_precision(precision: Precision) -> None:
