@@ -99,10 +99,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_config, tmp_path, mon
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(BmojoForCausalLM, "forward", forward_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
     summary = train(tiny_config())
     assert summary.stopped_early and 0 < summary.step < 6
     assert latest_checkpoint(tmp_path / "run" / CHECKPOINTS).name == f"step_{summary.step:08d}"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the caller's handler is back
 
 
 def _poison_steps(monkeypatch, bad_calls: set[int] | None):

@@ -286,7 +286,14 @@ class Trainer:
         self.model.train()
         checkpoint = None
         tokens_per_step = self.loader.global_batch * self.data.seq_len
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress_bar, unit="step", desc="train")
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not cfg.progress_bar,
+            unit="step",
+            desc="train",
+            mininterval=1.0,
+        )
         window_start, window_steps = time.perf_counter(), 0
         started = time.perf_counter()
         stop_at = cfg.max_steps if cfg.steps_this_run is None else min(cfg.max_steps, self.step + cfg.steps_this_run)
