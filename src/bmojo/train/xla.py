@@ -113,6 +113,13 @@ class XlaTrainer(Trainer):
     """The :class:`Trainer` on an XLA device; a CPU copy of the model serves checkpoints, export and samples."""
 
     def _setup(self) -> None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and self.config.parallel.engine == "single":
+            raise ValueError(
+                f"{processes} processes were started (WORLD_SIZE) but parallel.engine=single trains in one: each "
+                "would train the same model into the same run folder; launch one process "
+                "(launch/torchrun.sh --nproc 1) or pick a parallel recipe that spreads the work over the processes"
+            )
         configure_precision(self.config.trainer.precision)
         self.trial_run = is_trial_run()
         if self.trial_run:

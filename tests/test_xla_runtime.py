@@ -1,0 +1,60 @@
+"""The XLA path's host-side pieces, which run without torch-xla: environment checks, bf16 casting, batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.train import DeviceError, train
+from bmojo.train import xla as xla_module
+from bmojo.train.config import Precision
+
+
+@pytest.mark.parametrize("variable", xla_module.RETIRED_BF16_VARIABLES)
+def test_retired_bf16_variables_are_refused_with_the_replacement(monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(DeviceError, match=f"{variable}.*trainer.precision=bf16"):
+        xla_module.configure_precision(Precision.fp32)
+
+
+def test_bf16_turns_on_stochastic_rounding_unless_the_user_chose(monkeypatch):
+    name = xla_module.STOCHASTIC_ROUNDING_VARIABLE
+    monkeypatch.delenv(name, raising=False)
+    xla_module.configure_precision(Precision.fp32)
+    assert name not in os.environ
+    xla_module.configure_precision(Precision.bf16)
+    assert os.environ[name] == "1"
+    monkeypatch.setenv(name, "0")
+    xla_module.configure_precision(Precision.bf16)
+    assert os.environ[name] == "0"
+
+
+@pytest.mark.parametrize(("value", "trial"), [(None, False), ("", False), ("0", False), ("1", True), ("true", True)])
+def test_neuron_parallel_compile_trial_runs_are_recognised(monkeypatch, value, trial):
+    monkeypatch.delenv(xla_module.TRIAL_RUN_VARIABLE, raising=False)
+    if value is not None:
+        monkeypatch.setenv(xla_module.TRIAL_RUN_VARIABLE, value)
+    assert xla_module.is_trial_run() is trial
+
+
+def test_bf16_casts_parameters_but_keeps_rope_frequencies_in_fp32_and_tied_weights_tied():
+    model = BmojoForCausalLM(BmojoConfig(vocab_size=64, hidden_size=32, layer_pattern="W", tie_word_embeddings=True))
+    xla_module.cast_parameters_to_bf16(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in model.buffers()} == {torch.float32}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_each_micro_batch_travels_as_its_own_tensor():
+    step_blocks = torch.arange(24).view(2, 3, 4)
+    micro_batches = xla_module.send_micro_batches(step_blocks, torch.device("cpu"))
+    assert len(micro_batches) == 2 and all(torch.equal(m, b) for m, b in zip(micro_batches, step_blocks, strict=True))
+
+
+def test_several_processes_of_a_single_process_recipe_are_refused(tiny_config, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    with pytest.raises(ValueError, match="32 processes.*--nproc 1"):
+        train(tiny_config("backend=trn1"))
