@@ -98,12 +98,13 @@ def test_training_on_xla_matches_eager_cpu_and_compiles_nothing_after_warmup(run
     assert len(set(executions_per_step[WARMUP_STEPS:])) == 1, executions_per_step
 
 
-def test_checkpoint_written_on_xla_resumes_on_eager_cpu(run):
+@pytest.mark.parametrize("resume_on", ["cpu", "xla"])
+def test_checkpoint_written_on_xla_resumes_on_eager_cpu_and_on_xla(run, resume_on):
     model = PATTERNS["B"]
     straight = records(run("B_eager_straight", *model))
-    xla_dir = run("B_resumed", *model, *ON_XLA, "trainer.steps_this_run=3")
+    xla_dir = run(f"B_resumed_on_{resume_on}", *model, *ON_XLA, "trainer.steps_this_run=3")
     assert latest_checkpoint(xla_dir / CHECKPOINTS).name == "step_00000003"
-    run("B_resumed", *model)  # the same folder on eager CPU continues from the XLA checkpoint
+    run(f"B_resumed_on_{resume_on}", *model, *(ON_XLA if resume_on == "xla" else ()))
 
     resumed = records(xla_dir)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
