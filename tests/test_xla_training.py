@@ -23,7 +23,8 @@ from conftest import sentences, tiny_overrides  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from bmojo.train import recipes_dir, register_configs, train  # noqa: E402
+from bmojo import BmojoForCausalLM  # noqa: E402
+from bmojo.train import NonFiniteLossError, recipes_dir, register_configs, train  # noqa: E402
 from bmojo.train import xla as xla_module  # noqa: E402
 from bmojo.train.checkpoint import CHECKPOINTS, latest_checkpoint  # noqa: E402
 from bmojo.train.metrics import read_metrics  # noqa: E402
@@ -39,6 +40,7 @@ PATTERNS = {
     "B": ("model=B_tiny", "model.num_hidden_layers=1"),
     "MW": ("model=MW_tiny", "trainer.grad_accum_steps=2"),
 }
+SSM = ("model=M_tiny", "model.num_hidden_layers=1")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def test_checkpoint_written_on_xla_resumes_on_eager_cpu_and_on_xla(run, resume_o
 def test_a_step_of_an_ssm_runs_as_one_graph_in_bf16_with_stochastic_rounding(run, executions_per_step, monkeypatch):
     monkeypatch.delenv(xla_module.STOCHASTIC_ROUNDING_VARIABLE, raising=False)
     xla_metrics.clear_counters()
-    run_dir = run("M_bf16", "model=M_tiny", "model.num_hidden_layers=1", "trainer.precision=bf16", *ON_XLA)
+    run_dir = run("M_bf16", *SSM, "trainer.precision=bf16", *ON_XLA)
 
     assert os.environ[xla_module.STOCHASTIC_ROUNDING_VARIABLE] == "1"
     assert xla_module.host_fallback_ops() == {}
@@ -125,6 +127,38 @@ def test_a_step_of_an_ssm_runs_as_one_graph_in_bf16_with_stochastic_rounding(run
     weights = load_file(latest_checkpoint(run_dir / CHECKPOINTS) / "model.safetensors")
     for name, weight in weights.items():  # trained in bf16: every saved weight is a bf16 value
         assert torch.equal(weight.to(torch.bfloat16).float(), weight.float()), name
+
+
+def poison_losses(monkeypatch, bad_calls: set[int] | None) -> None:
+    """Make the training loss NaN on the given forward calls (all when None), without changing the graph."""
+    forward = BmojoForCausalLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            bad = bad_calls is None or calls["n"] in bad_calls
+            out.loss = out.loss * torch.tensor(float("nan") if bad else 1.0, device=out.loss.device)
+        return out
+
+    monkeypatch.setattr(BmojoForCausalLM, "forward", poisoned)
+
+
+def test_non_finite_steps_on_xla_leave_the_weights_finite_and_are_counted(run, monkeypatch):
+    poison_losses(monkeypatch, {2, 3})
+    run_dir = run("M_nonfinite", *SSM, *ON_XLA)
+    logged = records(run_dir)
+    assert sorted(logged) == [1, 4, 5, 6]
+    assert [logged[step]["skipped"] for step in (4, 5, 6)] == [2, 2, 2]
+    weights = load_file(latest_checkpoint(run_dir / CHECKPOINTS) / "model.safetensors")
+    assert all(torch.isfinite(weight).all() for weight in weights.values())
+
+
+def test_too_many_non_finite_steps_in_a_row_on_xla_stop_the_run(run, monkeypatch):
+    poison_losses(monkeypatch, None)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        run("M_diverged", *SSM, *ON_XLA, "trainer.max_nonfinite_in_a_row=3")
 
 
 @pytest.mark.xfail(
@@ -140,7 +174,7 @@ def test_a_step_of_a_bmojo_layer_runs_entirely_on_the_device(run):
 
 def test_a_neuron_parallel_compile_trial_run_writes_no_checkpoint_or_export(run, monkeypatch):
     monkeypatch.setenv(xla_module.TRIAL_RUN_VARIABLE, "1")
-    run_dir = run("M_trial", "model=M_tiny", "model.num_hidden_layers=1", *ON_XLA, "trainer.export_at_end=true")
+    run_dir = run("M_trial", *SSM, *ON_XLA, "trainer.export_at_end=true")
     assert latest_checkpoint(run_dir / CHECKPOINTS) is None
     assert not (run_dir / "export").exists()
     assert sorted(records(run_dir)) == [1, 2, 3, 4, 5, 6]  # it still ran every step, tracing every graph

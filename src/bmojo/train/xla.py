@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -125,7 +126,7 @@ class XlaTrainer(Trainer):
         if self.trial_run:
             logger.warning("%s is set: a graph-tracing trial run; no checkpoint, export or sample", TRIAL_RUN_VARIABLE)
         self._device_counters: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._reading: dict[str, float] | None = None
+        self._reading: dict[str, float] | None = {}
         self._fallbacks_reported = False
         super()._setup()
 
@@ -142,7 +143,7 @@ class XlaTrainer(Trainer):
         self._host.load_state_dict(to_host(self.model.state_dict()))
         return self._host
 
-    def _restore(self, folder) -> None:
+    def _restore(self, folder: Path) -> None:
         # safetensors cannot address XLA storage: the weights load into the host copy, then go to the device.
         device_model, self.model = self.model, self._host
         try:
@@ -151,7 +152,7 @@ class XlaTrainer(Trainer):
             self.model = device_model
         self.model.load_state_dict(self._host.state_dict())
 
-    def _save(self):
+    def _save(self) -> Path | None:
         if self.trial_run:
             return None
         self._read_counters(*self._counters())
@@ -200,18 +201,18 @@ class XlaTrainer(Trainer):
         skipped, in_a_row = self._counters()
         bad = (~finite).long()
         self._device_counters = (skipped + bad, (in_a_row + 1) * bad)
-        self._reading = None
+        self._reading = {}  # what an unlogged step returns: nothing read, nothing known to be skipped
         if self._is_log_step():
             tensors = (lm_loss, aux_loss, grad_norm, finite, *self._device_counters)
             import_torch_xla().xm.add_step_closure(self._read_step, args=(tensors, lr))
         sync()
-        return self._reading if self._reading is not None else {}
+        return self._reading
 
     def _read_step(self, tensors: tuple[torch.Tensor, ...], lr: float) -> None:
         """Step closure: runs once the step's graph has run, so reading its values adds no graph."""
         lm_loss, aux_loss, grad_norm, finite, skipped, in_a_row = to_host(tensors)
         self._read_counters(skipped, in_a_row)
-        self._reading = None
+        self._reading = None  # a non-finite step, reported as skipped
         if bool(finite):
             reading = {"loss": float(lm_loss), "aux_loss": float(aux_loss), "grad_norm": float(grad_norm)}
             self._reading = {**reading, "lr": lr, "compiled_graphs": compiled_graphs()}
