@@ -1,18 +1,21 @@
-"""``bmojo-eval``: held-out loss and perplexity of a model at several context lengths."""
+"""``bmojo-eval``: perplexity at several context lengths (or MQAR recall accuracy), samples; JSON out."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from bmojo.cli.common import user_errors
-from bmojo.data import DataConfig, eval_batches, prepare_data
-from bmojo.train import load_model_and_tokenizer
+from bmojo.data import DataConfig, DataSource, eval_batches, prepare_data
+from bmojo.eval.mqar import evaluate_mqar
+from bmojo.eval.perplexity import perplexity_at_lengths
+from bmojo.train import generate_sample, load_model_and_tokenizer
 from bmojo.train.checkpoint import resolve_model_folder
 
 
@@ -25,21 +28,13 @@ def training_data_config(model_folder: Path) -> DataConfig:
     return base
 
 
-@torch.no_grad()
 def evaluate_lengths(model, tokenizer, data: DataConfig, lengths: list[int], batch_size: int, batches: int, seed: int):
-    """``[(length, mean next-token loss)]`` on the held-out split packed at each length."""
-    model.eval()
-    results = []
-    for length in lengths:
-        data.seq_len = length
-        _, packed = prepare_data(data, seed, tokenizer)
-        total, count = 0.0, 0
-        for batch in eval_batches(packed.val, batch_size, batches):
-            out = model(batch, labels=batch)
-            total += float(out.loss - out.aux_loss) * batch.shape[0]
-            count += batch.shape[0]
-        results.append((length, total / count))
-    return results
+    """``[(length, mean next-token loss)]`` on the same held-out tokens read at each context length."""
+    data.seq_len = max(lengths)
+    _, packed = prepare_data(data, seed, tokenizer)
+    blocks = torch.cat(list(eval_batches(packed.val, batch_size, batches)))
+    results = perplexity_at_lengths(model, blocks, sorted(lengths), batch_size, labels=packed.label_fn)
+    return [(result.length, result.loss) for result in results]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="data.* overrides in recipe syntax")
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=8, help="held-out batches per length")
+    parser.add_argument("--batches", type=int, default=8, help="held-out batches of the longest length")
+    parser.add_argument("--mqar-examples", type=int, default=256, help="test examples when the data is MQAR")
+    parser.add_argument("--samples", type=int, default=0, help="also print this many sampled continuations")
+    parser.add_argument("--prompt", default="def ", help="prompt of the samples")
+    parser.add_argument("--sample-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1234, help="the seed the run split its data with")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -64,14 +63,30 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"override {override!r}: only data.* keys can be set here")
         data = OmegaConf.merge(data, OmegaConf.from_dotlist([o[len("data.") :] for o in args.overrides]))
         model, tokenizer = load_model_and_tokenizer(folder)
-        results = evaluate_lengths(
-            model, tokenizer, OmegaConf.to_object(data), args.lengths, args.batch_size, args.batches, args.seed
-        )
-    print(f"{'length':>8} {'loss':>8} {'perplexity':>11}")
-    for length, loss in results:
-        print(f"{length:>8} {loss:>8.4f} {math.exp(loss):>11.2f}")
+        data = OmegaConf.to_object(data)
+        report: dict = {}
+        if data.source == DataSource.mqar:
+            mqar = evaluate_mqar(model, data.mqar, data.seq_len, args.mqar_examples, args.batch_size, args.seed)
+            report["mqar"] = {"num_pairs": data.mqar.num_pairs, "seq_len": data.seq_len, **asdict(mqar)}
+        else:
+            results = evaluate_lengths(model, tokenizer, data, args.lengths, args.batch_size, args.batches, args.seed)
+            report["perplexity"] = [{"length": n, "loss": v, "perplexity": math.exp(v)} for n, v in results]
+        report["samples"] = [
+            generate_sample(model, tokenizer, args.prompt, args.sample_tokens, seed=i) for i in range(args.samples)
+        ]
+    if "mqar" in report:
+        mqar = report["mqar"]
+        print(f"MQAR recall accuracy {mqar['accuracy']:.4f} over {mqar['queries']} queries (K={mqar['num_pairs']})")
+        for layer, share in enumerate(mqar["value_in_memory"]):
+            print(f"  B layer {layer}: the queried value was in memory for {share:.1%} of the queries")
+    else:
+        print(f"{'length':>8} {'loss':>8} {'perplexity':>11}")
+        for row in report["perplexity"]:
+            print(f"{row['length']:>8} {row['loss']:>8.4f} {row['perplexity']:>11.2f}")
+    for sample in report["samples"]:
+        print(f"sample: {sample}")
     if args.json:
-        args.json.write_text(json.dumps([{"length": n, "loss": v, "perplexity": math.exp(v)} for n, v in results]))
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

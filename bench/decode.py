@@ -1,0 +1,114 @@
+"""Decode latency per token and cache memory against context length, every family member side by side.
+
+    python bench/decode.py [--contexts 512 1024 2048 4096 8192] [--tokens 16] [--json ...]
+
+For each context length L, every member (equal parameter count) prefills L random tokens with the parallel
+form, then decodes ``--tokens`` tokens one at a time from its cache; the median time of one decode step is
+reported with the cache size after the prefill (bytes of every tensor the cache holds). Members alternate
+token by token so a slow spell of a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bmojo import BmojoForCausalLM
+from bmojo.eval.family import FAMILY, add_size_arguments, family_configs, parameter_count, size_fields
+
+
+def tensor_bytes(state: object) -> int:
+    """Bytes of all tensors reachable through dataclass fields and lists (a cache's recurrent state)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if dataclasses.is_dataclass(state):
+        return sum(tensor_bytes(getattr(state, f.name)) for f in dataclasses.fields(state))
+    if isinstance(state, list | tuple):
+        return sum(tensor_bytes(item) for item in state)
+    return 0
+
+
+@torch.no_grad()
+def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, args.vocab_size, (1, context), generator=generator)
+    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, 1, 1), generator=generator)
+    models, caches, times = {}, {}, {}
+    rows = {}
+    for member, config in configs.items():
+        torch.manual_seed(0)
+        models[member] = BmojoForCausalLM(config).eval()
+        caches[member] = models[member](prompt, use_cache=True).cache
+        rows[member] = {"cache_bytes": tensor_bytes(caches[member].states)}
+        times[member] = []
+    for index in range(args.tokens + 1):  # token 0 warms up
+        for member, model in models.items():
+            start = time.perf_counter()
+            model(next_tokens[index], cache=caches[member], use_cache=True)
+            if index:
+                times[member].append(time.perf_counter() - start)
+    for member, row in rows.items():
+        row["ms_per_token"] = 1e3 * statistics.median(times[member])
+    if "A" in rows:
+        for row in rows.values():
+            row["vs_A"] = row["ms_per_token"] / rows["A"]["ms_per_token"]
+    return {"context": context, "members": rows}
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'context':>8} {'member':<7} {'ms/token':>9} {'vs A':>6} {'cache KiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        for member, row in result["members"].items():
+            ratio = f"{row['vs_A']:6.2f}" if "vs_A" in row else f"{'-':>6}"
+            print(
+                f"{result['context']:>8} {member:<7} {row['ms_per_token']:>9.2f} {ratio} "
+                f"{row['cache_bytes'] / 1024:>10.1f}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/decode.json"))
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per context (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_size_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    configs = family_configs(tuple(args.members), **size_fields(args))
+    results = []
+    for context in args.contexts:
+        results.append(bench_context(args, context, configs))
+        print_table(results[-1:])
+    report = {
+        "bench": "decode",
+        "torch_version": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "decoded_tokens": args.tokens,
+        "model": size_fields(args),
+        "parameters": {member: parameter_count(config) for member, config in configs.items()},
+        "results": results,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

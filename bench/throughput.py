@@ -1,0 +1,118 @@
+"""Training-step throughput of every family member at equal parameter count, side by side in one run.
+
+    python bench/throughput.py [--seq-lens 512 2048 8192] [--tokens 8192] [--repeats 3] [--json ...]
+
+A step is forward + backward + AdamW update on ``--tokens`` tokens (batch = tokens / T). Members are timed
+round-robin (one step of each in turn, ``--repeats`` rounds after a warm-up round), so a slow spell of a
+shared machine hits every member alike; the median step is reported, with each member's speed relative to
+the Transformer (``A``) and to sliding-window attention (``W``) at the same length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bmojo import BmojoForCausalLM
+from bmojo.eval.family import FAMILY, add_size_arguments, family_configs, parameter_count, size_fields
+
+
+def make_step(model: BmojoForCausalLM, batch: int, seq_len: int, vocab_size: int):
+    """One training step on fixed random tokens: forward, backward, AdamW update."""
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
+    batch = max(1, args.tokens // seq_len)
+    configs = family_configs(tuple(args.members), **size_fields(args))
+    steps = {}
+    for member, config in configs.items():
+        torch.manual_seed(0)
+        steps[member] = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size)
+    times: dict[str, list[float]] = {member: [] for member in configs}
+    for round_index in range(args.repeats + 1):  # round 0 warms up
+        for member, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_index:
+                times[member].append(time.perf_counter() - start)
+    rows = {}
+    for member, config in configs.items():
+        seconds = statistics.median(times[member])
+        rows[member] = {
+            "parameters": parameter_count(config),
+            "intermediate_size": config.intermediate_size,
+            "step_s": seconds,
+            "tokens_per_s": batch * seq_len / seconds,
+        }
+    for reference in ("A", "W"):
+        if reference in rows:
+            for row in rows.values():
+                row[f"vs_{reference}"] = row["tokens_per_s"] / rows[reference]["tokens_per_s"]
+    return {"seq_len": seq_len, "batch": batch, "members": rows}
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'T':>6} {'member':<7} {'params':>9} {'step ms':>9} {'tokens/s':>9} {'vs A':>6} {'vs W':>6}"
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        for member, row in result["members"].items():
+            ratios = " ".join(f"{row[key]:6.2f}" if key in row else f"{'-':>6}" for key in ("vs_A", "vs_W"))
+            print(
+                f"{result['seq_len']:>6} {member:<7} {row['parameters']:>9,} {row['step_s'] * 1e3:>9.1f} "
+                f"{row['tokens_per_s']:>9.0f} {ratios}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/throughput.json"))
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / T)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_size_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = []
+    for seq_len in args.seq_lens:
+        results.append(bench_length(args, seq_len))
+        print_table(results[-1:])
+    report = {
+        "bench": "throughput",
+        "torch_version": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "tokens_per_step": args.tokens,
+        "model": size_fields(args),
+        "results": results,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

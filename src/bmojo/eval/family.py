@@ -1,0 +1,74 @@
+"""The family side by side at equal size: each member's MLP width is chosen to match a parameter budget."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bmojo import BmojoConfig, BmojoForCausalLM
+
+FAMILY = ("A", "W", "M", "MW", "F", "B")
+MEMBER_NAMES = {
+    "A": "Transformer",
+    "W": "sliding window",
+    "M": "Mamba-2",
+    "MW": "Mamba-2 + SWA",
+    "F": "B'MOJO-F",
+    "B": "B'MOJO",
+}
+
+
+def parameter_count(config: BmojoConfig) -> int:
+    """Parameters of the model ``config`` describes (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = BmojoForCausalLM(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def match_parameters(layer_pattern: str, target: int, multiple: int = 8, **fields) -> BmojoConfig:
+    """``BmojoConfig(layer_pattern=..., **fields)`` with the ``intermediate_size`` (a multiple of ``multiple``)
+    that brings its parameter count closest to ``target``. Parameters grow linearly with the MLP width, so
+    two counts give the slope."""
+    fields.pop("intermediate_size", None)
+    base = parameter_count(BmojoConfig(layer_pattern=layer_pattern, intermediate_size=multiple, **fields))
+    slope = parameter_count(BmojoConfig(layer_pattern=layer_pattern, intermediate_size=2 * multiple, **fields)) - base
+    steps = max(0, round((target - base) / slope))
+    return BmojoConfig(layer_pattern=layer_pattern, intermediate_size=multiple * (1 + steps), **fields)
+
+
+def family_configs(members: tuple[str, ...] = FAMILY, reference: str = "B", **fields) -> dict[str, BmojoConfig]:
+    """Each member at the parameter count of ``reference`` built from ``fields`` (its own MLP width kept)."""
+    target = parameter_count(BmojoConfig(layer_pattern=reference, **fields))
+    return {member: match_parameters(member, target, **fields) for member in members}
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-size options the family benchmarks share (``--hidden-size``, ``--window``, ...)."""
+    size = parser.add_argument_group("model size (shared; each member's MLP width matches the parameters of B)")
+    size.add_argument("--vocab-size", type=int, default=2048)
+    size.add_argument("--hidden-size", type=int, default=128)
+    size.add_argument("--layers", type=int, default=2)
+    size.add_argument("--heads", type=int, default=4)
+    size.add_argument("--kv-heads", type=int, default=2)
+    size.add_argument("--window", type=int, default=256)
+    size.add_argument("--memory-size", type=int, default=64)
+    size.add_argument("--memory-topk", type=int, default=4)
+
+
+def size_fields(args: argparse.Namespace) -> dict:
+    """``BmojoConfig`` fields from :func:`add_size_arguments` (memory blocks as long as the window)."""
+    return {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "window_size": args.window,
+        "ssm_state_size": 16,
+        "ssm_head_dim": 32,
+        "ssm_chunk_size": 64,
+        "memory_size": args.memory_size,
+        "memory_topk": args.memory_topk,
+        "memory_block": args.window,
+    }

@@ -1,0 +1,200 @@
+"""``bmojo-report``: the benchmark JSON files as one markdown report with PNG plots.
+
+    bmojo-report bench/results/*.json --out docs/results
+
+Each JSON file names its benchmark in ``"bench"``: ``mqar`` (bench/mqar.py), ``extrapolation``
+(bench/extrapolation.py), ``throughput`` (bench/throughput.py) or ``decode`` (bench/decode.py). The report
+is ``<out>/report.md``; every section has a table and a plot ``<out>/<bench>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bmojo.eval.family import FAMILY, MEMBER_NAMES  # noqa: E402
+
+
+def _name(member: str) -> str:
+    return f"{MEMBER_NAMES.get(member, member)} ({member})"
+
+
+def _order(members) -> list[str]:
+    return sorted(members, key=lambda m: FAMILY.index(m) if m in FAMILY else len(FAMILY))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def mqar_section(report: dict, figure: Path) -> str:
+    """Accuracy per member, filler and number of pairs K (memory size M beside it)."""
+    runs = report["runs"]
+    fillers = sorted({run["filler"] for run in runs}, key=lambda f: f != "periodic")
+    rows = []
+    for run in sorted(
+        runs, key=lambda r: (fillers.index(r["filler"]), _order(FAMILY).index(r["member"]), r["num_pairs"])
+    ):
+        memory = ", ".join(f"{share:.2f}" for share in run.get("value_in_memory", [])) or "-"
+        rows.append(
+            [_name(run["member"]), run["filler"], str(run["num_pairs"]), str(run.get("memory_size", "-")),
+             f"{run['accuracy']:.3f}", memory, f"{run['parameters']:,}", f"{run['train_s'] / 60:.1f}"]
+        )  # fmt: skip
+    fig, axes = plt.subplots(1, len(fillers), figsize=(5.5 * len(fillers), 4), squeeze=False)
+    for axis, filler in zip(axes[0], fillers, strict=True):
+        for member in _order({run["member"] for run in runs}):
+            mine = sorted(
+                (r["num_pairs"], r["accuracy"]) for r in runs if r["member"] == member and r["filler"] == filler
+            )
+            if mine:
+                axis.plot(*zip(*mine, strict=True), marker="o", label=_name(member))
+        memory_sizes = {r.get("memory_size") for r in runs if r["member"] == "B" and r["filler"] == filler}
+        for size in sorted(s for s in memory_sizes if s):
+            axis.axvline(size / 3, color="grey", linestyle=":", linewidth=1)
+        axis.set(title=f"MQAR, {filler} filler", xlabel="key-value pairs K", ylabel="accuracy", ylim=(-0.02, 1.02))
+    axes[0][0].legend(fontsize=8)
+    _save(fig, figure)
+    chance = report.get("chance")
+    note = f"Chance is {chance:.3f} (one of the values). " if chance else ""
+    return (
+        f"{note}Dotted line: K = M/3, the most pairs an eidetic memory of M entries holds together with the "
+        "query keys. `value in memory`: per B layer, the share of queries whose value the memory held.\n\n"
+        + _table(["member", "filler", "K", "M", "accuracy", "value in memory", "parameters", "train min"], rows)
+    )
+
+
+def extrapolation_section(report: dict, figure: Path) -> str:
+    """Perplexity at multiples of the training length, and its ratio to the perplexity at 1x."""
+    train_len = report["train_len"]
+    lengths = sorted({row["length"] for run in report["runs"] for row in run["perplexity"]})
+    rows = []
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for run in sorted(report["runs"], key=lambda r: FAMILY.index(r["member"]) if r["member"] in FAMILY else 99):
+        by_length = {row["length"]: row["perplexity"] for row in run["perplexity"]}
+        base = by_length[train_len]
+        rows.append([_name(run["member"])] + [f"{by_length[n]:.2f} ({by_length[n] / base:.3f})" for n in lengths])
+        axis.plot(lengths, [by_length[n] for n in lengths], marker="o", label=_name(run["member"]))
+    axis.set(xscale="log", yscale="log", xlabel="context length", ylabel="perplexity")
+    axis.set_xticks(lengths, [str(n) for n in lengths])
+    axis.axvline(train_len, color="grey", linestyle=":", linewidth=1)
+    axis.set_title(f"held-out perplexity, trained at {train_len}")
+    axis.legend(fontsize=8)
+    _save(fig, figure)
+    header = ["member"] + [f"{n} ({n // train_len}x)" if n % train_len == 0 else str(n) for n in lengths]
+    return f"Perplexity (ratio to 1x) on the same held-out tokens; trained at {train_len}.\n\n" + _table(header, rows)
+
+
+def throughput_section(report: dict, figure: Path) -> str:
+    rows = []
+    series: dict[str, list[tuple[int, float]]] = {}
+    for result in report["results"]:
+        for member in _order(result["members"]):
+            row = result["members"][member]
+            ratios = [f"{row[key]:.2f}" if key in row else "-" for key in ("vs_A", "vs_W")]
+            rows.append(
+                [str(result["seq_len"]), _name(member), f"{row['parameters']:,}", f"{row['tokens_per_s']:,.0f}"]
+                + ratios
+            )
+            series.setdefault(member, []).append((result["seq_len"], row["tokens_per_s"]))
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for member in _order(series):
+        axis.plot(*zip(*series[member], strict=True), marker="o", label=_name(member))
+    axis.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="training tokens/s")
+    axis.set_title("training step (forward + backward + AdamW)")
+    axis.legend(fontsize=8)
+    _save(fig, figure)
+    model = report["model"]
+    return (
+        f"{report['tokens_per_step']} tokens a step, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
+        f"layers, window {model['window_size']}, memory {model['memory_size']}; {report['threads']} threads.\n\n"
+        + _table(["T", "member", "parameters", "tokens/s", "vs A", "vs W"], rows)
+    )
+
+
+def decode_section(report: dict, figure: Path) -> str:
+    rows = []
+    series: dict[str, list[tuple[int, float]]] = {}
+    for result in report["results"]:
+        for member in _order(result["members"]):
+            row = result["members"][member]
+            ratio = f"{row['vs_A']:.2f}" if "vs_A" in row else "-"
+            rows.append(
+                [
+                    str(result["context"]),
+                    _name(member),
+                    f"{row['ms_per_token']:.2f}",
+                    ratio,
+                    f"{row['cache_bytes'] / 1024:,.0f}",
+                ]
+            )
+            series.setdefault(member, []).append((result["context"], row["ms_per_token"]))
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for member in _order(series):
+        axis.plot(*zip(*series[member], strict=True), marker="o", label=_name(member))
+    axis.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decoded token")
+    axis.set_title("decoding one token from the cache")
+    axis.legend(fontsize=8)
+    _save(fig, figure)
+    return f"{report['threads']} threads; median of {report['decoded_tokens']} tokens.\n\n" + _table(
+        ["context", "member", "ms/token", "vs A", "cache KiB"], rows
+    )
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
+    "mqar": ("Multi-query associative recall", mqar_section),
+    "extrapolation": ("Length extrapolation", extrapolation_section),
+    "throughput": ("Training throughput", throughput_section),
+    "decode": ("Decoding", decode_section),
+}
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_report(paths: list[Path], out_dir: Path) -> Path:
+    """Write ``out_dir/report.md`` and one PNG per benchmark; returns the markdown's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        kind = report.get("bench")
+        if kind not in SECTIONS:
+            raise ValueError(f"{path}: unknown benchmark {kind!r}; expected one of {', '.join(SECTIONS)}")
+        reports[kind] = report
+    parts = ["# B'MOJO family: evaluation report\n"]
+    for kind, (title, section) in SECTIONS.items():
+        if kind in reports:
+            figure = out_dir / f"{kind}.png"
+            parts.append(f"## {title}\n\n{section(reports[kind], figure)}\n\n![{title}]({figure.name})\n")
+    markdown = out_dir / "report.md"
+    markdown.write_text("\n".join(parts))
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bmojo-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+", help="JSON files written by the bench/ scripts")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of report.md and the PNGs")
+    args = parser.parse_args(argv)
+    try:
+        markdown = build_report(args.results, args.out)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"bmojo-report: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {markdown}")
+
+
+if __name__ == "__main__":
+    main()
