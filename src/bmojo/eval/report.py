@@ -46,7 +46,7 @@ def mqar_section(report: dict, figure: Path) -> str:
     ):
         memory = ", ".join(f"{share:.2f}" for share in run.get("value_in_memory", [])) or "-"
         rows.append(
-            [_name(run["member"]), run["filler"], str(run["num_pairs"]), str(run.get("memory_size", "-")),
+            [_name(run["member"]), run["filler"], str(run["num_pairs"]), str(run.get("memory_size") or "-"),
              f"{run['accuracy']:.3f}", memory, f"{run['parameters']:,}", f"{run['train_s'] / 60:.1f}"]
         )  # fmt: skip
     fig, axes = plt.subplots(1, len(fillers), figsize=(5.5 * len(fillers), 4), squeeze=False)
