@@ -168,3 +168,12 @@ def _with_three_groups(inputs: dict) -> dict:
 def test_bad_inputs_raise(mutate, message):
     with pytest.raises(ValueError, match=message):
         ssm_scan(**mutate(make_inputs(time=8)), backend="torch")
+
+
+def test_torch_path_ignores_an_enclosing_bf16_autocast():
+    inputs = make_inputs(time=40, heads=4, groups=2)
+    plain = run_with_grads(inputs, backend="torch", chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run_with_grads(inputs, backend="torch", chunk_size=16)
+    for name, value in plain.items():
+        torch.testing.assert_close(autocast[name], value, atol=0, rtol=0, msg=name)

@@ -144,7 +144,7 @@ def test_resume_never_refuses_a_folder_with_checkpoints(tiny_config):
 
 
 def test_bf16_autocast_trains(tiny_config):
-    summary = train(tiny_config("model=A_tiny", "trainer.precision=bf16", "trainer.max_steps=2"))
+    summary = train(tiny_config("model=B_tiny", "trainer.precision=bf16", "trainer.max_steps=2"))
     assert summary.skipped_steps == 0 and torch.isfinite(torch.tensor(summary.final_val_loss))
 
 

@@ -68,6 +68,17 @@ class ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, log_decay: Tensor, B: Tensor, C: Tensor, initial_state: Tensor):
+        # The scan is defined in fp32; an enclosing autocast must not turn its matmuls into bf16.
+        with torch.autocast(u.device.type, enabled=False):
+            return ChunkedScan._forward(ctx, u, log_decay, B, C, initial_state)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_final: Tensor):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return ChunkedScan._backward(ctx, grad_y.float(), grad_final.float())
+
+    @staticmethod
+    def _forward(ctx, u: Tensor, log_decay: Tensor, B: Tensor, C: Tensor, initial_state: Tensor):
         groups = B.shape[1]
         prefix = log_decay.cumsum(dim=-1)  # [Bt, H, nc, Q]: Σ_{k <= t} a_k
         intra_decay = torch.exp(segment_sums(log_decay))  # [Bt, H, nc, Q, Q]
@@ -92,7 +103,7 @@ class ChunkedScan(torch.autograd.Function):
         return y + y_off, state
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, grad_final: Tensor):
+    def _backward(ctx, grad_y: Tensor, grad_final: Tensor):
         u, log_decay, B, C, prefix, intra_decay, scores, mixer, entering, y_off = ctx.saved_tensors
         groups = B.shape[1]
         grad_y = grad_y.contiguous()
