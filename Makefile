@@ -30,7 +30,7 @@ test: $(STAMP)
 
 # The XLA lane (DESIGN §6): the trn1 training loop on torch-xla's CPU device, in an environment of its own
 # (torch 2.9 + torch-xla 2.9) cached outside the checkout under a hash of its requirements. A fresh build
-# downloads ~4 GB and takes ~7 minutes; later runs reuse it.
+# downloads ~4 GB and takes ~6 minutes; later runs reuse it.
 XLA_REQUIREMENTS := requirements/xla.txt
 XLA_CACHE ?= $(HOME)/.cache/bmojo
 XLA_HASH := $(shell $(PYTHON) -c "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest()[:12])" $(XLA_REQUIREMENTS))
