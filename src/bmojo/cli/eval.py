@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from bmojo.cli.common import user_errors
-from bmojo.data import DataConfig, DataSource, eval_batches, prepare_data
+from bmojo.data import DataConfig, DataSource
 from bmojo.eval.mqar import evaluate_mqar
-from bmojo.eval.perplexity import perplexity_at_lengths
+from bmojo.eval.perplexity import heldout_perplexity
 from bmojo.train import generate_sample, load_model_and_tokenizer
 from bmojo.train.checkpoint import resolve_model_folder
 
@@ -26,15 +24,6 @@ def training_data_config(model_folder: Path) -> DataConfig:
         if candidate.is_file():
             return OmegaConf.merge(base, OmegaConf.load(candidate).get("data", {}))
     return base
-
-
-def evaluate_lengths(model, tokenizer, data: DataConfig, lengths: list[int], batch_size: int, batches: int, seed: int):
-    """``[(length, mean next-token loss)]`` on the same held-out tokens read at each context length."""
-    data.seq_len = max(lengths)
-    _, packed = prepare_data(data, seed, tokenizer)
-    blocks = torch.cat(list(eval_batches(packed.val, batch_size, batches)))
-    results = perplexity_at_lengths(model, blocks, sorted(lengths), batch_size, labels=packed.label_fn)
-    return [(result.length, result.loss) for result in results]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             mqar = evaluate_mqar(model, data.mqar, data.seq_len, args.mqar_examples, args.batch_size, args.seed)
             report["mqar"] = {"num_pairs": data.mqar.num_pairs, "seq_len": data.seq_len, **asdict(mqar)}
         else:
-            results = evaluate_lengths(model, tokenizer, data, args.lengths, args.batch_size, args.batches, args.seed)
-            report["perplexity"] = [{"length": n, "loss": v, "perplexity": math.exp(v)} for n, v in results]
+            results = heldout_perplexity(model, tokenizer, data, args.lengths, args.batch_size, args.batches, args.seed)
+            report["perplexity"] = [{**asdict(result), "perplexity": result.perplexity} for result in results]
         report["samples"] = [
             generate_sample(model, tokenizer, args.prompt, args.sample_tokens, seed=i) for i in range(args.samples)
         ]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from transformers import PreTrainedTokenizerBase
+
+from bmojo.data import DataConfig, eval_batches, prepare_data
 
 
 @dataclass
@@ -57,3 +60,22 @@ def perplexity_at_lengths(
     finally:
         model.train(was_training)
     return results
+
+
+def heldout_perplexity(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataConfig,
+    lengths: list[int],
+    batch_size: int,
+    batches: int,
+    seed: int,
+) -> list[LengthResult]:
+    """Perplexity at each of ``lengths`` on the held-out split of ``data`` (split with ``seed``, as in training).
+
+    The split is packed once at the longest length, ``batch_size * batches`` of those blocks are kept, and
+    every shorter length reads the same tokens cut into shorter blocks.
+    """
+    _, packed = prepare_data(replace(data, seq_len=max(lengths)), seed, tokenizer)
+    blocks = torch.cat(list(eval_batches(packed.val, batch_size, batches)))
+    return perplexity_at_lengths(model, blocks, sorted(lengths), batch_size, labels=packed.label_fn)
