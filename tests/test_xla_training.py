@@ -18,6 +18,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 pytest.importorskip("torch_xla", reason="the XLA lane runs in its own environment: make test-xla")
 
+import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as xla_metrics  # noqa: E402
 from conftest import sentences, tiny_overrides  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -78,6 +79,7 @@ def executions_per_step(monkeypatch) -> list[int]:
     def counted(self):
         before = executions()
         result = train_step(self)
+        xm.wait_device_ops()  # graphs run asynchronously: count each in the step that launched it
         counts.append(executions() - before)
         return result
 
@@ -117,7 +119,7 @@ def test_checkpoint_written_on_xla_resumes_on_eager_cpu_and_on_xla(run, resume_o
 def test_a_step_of_an_ssm_runs_as_one_graph_in_bf16_with_stochastic_rounding(run, executions_per_step, monkeypatch):
     monkeypatch.delenv(xla_module.STOCHASTIC_ROUNDING_VARIABLE, raising=False)
     xla_metrics.clear_counters()
-    run_dir = run("M_bf16", *SSM, "trainer.precision=bf16", *ON_XLA)
+    run_dir = run("M_bf16", *SSM, "trainer.precision=bf16", *ON_XLA, "trainer.export_at_end=true")
 
     assert os.environ[xla_module.STOCHASTIC_ROUNDING_VARIABLE] == "1"
     assert xla_module.host_fallback_ops() == {}
@@ -127,6 +129,9 @@ def test_a_step_of_an_ssm_runs_as_one_graph_in_bf16_with_stochastic_rounding(run
     weights = load_file(latest_checkpoint(run_dir / CHECKPOINTS) / "model.safetensors")
     for name, weight in weights.items():  # trained in bf16: every saved weight is a bf16 value
         assert torch.equal(weight.to(torch.bfloat16).float(), weight.float()), name
+    exported = load_file(run_dir / "export" / "model.safetensors")  # written from the host copy too
+    shared = exported.keys() & weights.keys()  # the two files may keep different names of a tied weight
+    assert len(shared) > 1 and all(torch.equal(exported[name], weights[name]) for name in shared)
 
 
 def poison_losses(monkeypatch, bad_calls: set[int] | None) -> None:
