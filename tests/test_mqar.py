@@ -37,8 +37,10 @@ def test_pairs_come_first_and_every_key_is_queried_once_after_the_gap():
 def test_periodic_filler_follows_the_position_and_noise_filler_does_not():
     periodic = generate_examples(layout(), count=8, seed=1)
     filler = periodic[:, 8 : layout().query_start]
-    expected = layout().first_filler + np.arange(8, layout().query_start) % 16
+    expected = layout().first_filler + np.arange(8, layout().query_start) % 2
     assert (filler == expected).all()
+    longer = generate_examples(layout(period=3), count=2, seed=1)[:, 8 : layout().query_start]
+    assert (longer == layout().first_filler + np.arange(8, layout().query_start) % 3).all()
     noisy = generate_examples(layout(filler=Filler.noise), count=8, seed=1)[:, 8 : layout().query_start]
     assert not (noisy == expected).all() and (noisy >= layout().first_filler).all()
 
@@ -59,6 +61,13 @@ def test_labels_are_the_queried_values_one_step_after_each_query():
 def test_generation_is_deterministic_in_the_seed():
     assert (generate_examples(layout(), 4, seed=3) == generate_examples(layout(), 4, seed=3)).all()
     assert not (generate_examples(layout(), 4, seed=3) == generate_examples(layout(), 4, seed=4)).all()
+
+
+def test_periodic_filler_after_a_query_key_is_always_the_same_token():
+    lay = layout()
+    ids = generate_examples(lay, count=20, seed=5)[:, lay.query_start :]
+    after_query = ids[:, 1:][(ids[:, :-1] >= lay.first_key) & (ids[:, :-1] < lay.first_value)]
+    assert set(after_query.tolist()) == {lay.first_filler + 1}
 
 
 def test_too_short_a_sequence_says_how_long_it_must_be():

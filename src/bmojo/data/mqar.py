@@ -9,9 +9,12 @@ left the window of a sliding-window model before it is asked for. At a query key
 its value (as in Zoology's MQAR); the token fed after the key is the filler again, so the value never
 re-enters the context. Keys, values and filler use disjoint vocabularies.
 
-The filler is either ``periodic`` (``f_{t mod F}``: the fading memory predicts it, so its innovation is low
-and an innovation-selected memory keeps only the pairs and the query keys, 3K tokens) or ``noise`` (uniform
-random filler tokens, as surprising as the pairs).
+The filler is either ``periodic`` (``f_{t mod period}``) or ``noise`` (uniform random filler tokens, as
+surprising as the pairs). Queries sit at even positions (for an even gap), so with the default period of 2
+every periodic filler token follows from the kind of token before it (``f_1`` after a query key, ``f_0``
+after a pair's value or ``f_1``, ``f_1`` after ``f_0``): the fading memory predicts all of it, and an
+innovation-selected memory keeps just the pairs and the query keys, 3K tokens. With a longer period the token
+after a query depends on the filler two steps back, which is harder to predict.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out split draws from another stream
 
 
 class Filler(Enum):
-    periodic = "periodic"  # f_{t mod num_filler}: predictable from the previous token
+    periodic = "periodic"  # f_{t mod period}: predictable from the token before
     noise = "noise"  # uniform random filler tokens
 
 
@@ -40,8 +43,9 @@ class MqarConfig:
     num_pairs: int = 16  # K: key-value pairs per example, each queried once
     num_keys: int = 64  # key vocabulary; keys are distinct within an example
     num_values: int = 64  # value vocabulary
-    num_filler: int = 16  # filler vocabulary, also the period of the periodic filler
+    num_filler: int = 16  # filler vocabulary (noise draws from all of it)
     filler: Filler = Filler.periodic
+    period: int = 2  # the periodic filler cycles through the first `period` filler tokens
     gap: int = 64  # filler tokens between the last pair and the query region
     train_examples: int = 20000
     val_examples: int = 256
@@ -84,6 +88,8 @@ class MqarLayout:
             )
         if cfg.gap < 0:
             raise ValueError(f"data.mqar.gap={cfg.gap} must be >= 0")
+        if not 1 <= cfg.period <= cfg.num_filler:
+            raise ValueError(f"data.mqar.period={cfg.period} must lie in [1, num_filler={cfg.num_filler}]")
         # A query and its target take two positions, so the region needs room for K of them.
         slots = (self.seq_len - self.query_start) // 2
         if slots < cfg.num_pairs:
@@ -101,7 +107,7 @@ def generate_examples(layout: MqarLayout, count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     positions = np.arange(length)
     if cfg.filler is Filler.periodic:
-        ids = np.broadcast_to(layout.first_filler + positions % cfg.num_filler, (count, length)).copy()
+        ids = np.broadcast_to(layout.first_filler + positions % cfg.period, (count, length)).copy()
     else:
         ids = layout.first_filler + rng.integers(0, cfg.num_filler, size=(count, length))
     # Distinct keys per example: the first K of a random permutation of the key vocabulary.
