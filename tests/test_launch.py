@@ -30,7 +30,7 @@ def tool(name: str) -> str:
 
 
 def launcher(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEURON_", "FI_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NEURON_", "FI_", "PJRT_", "XLA_"))}
     return subprocess.run(
         [str(LAUNCH / script), *args], capture_output=True, text=True, env={**clean, **(env or {})}, timeout=60
     )

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("torch_xla", reason="the XLA lane runs in its own environment: make test-xla")
+# Set only in the lane, before torch_xla starts its runtime, so the main lane's other tests never see them.
 # Cheaper XLA:CPU code generation: compile time, not run time, dominates these tiny graphs on 2 cores.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("PJRT_DEVICE", "CPU")
-pytest.importorskip("torch_xla", reason="the XLA lane runs in its own environment: make test-xla")
 
 import torch_xla.core.xla_model as xm  # noqa: E402
 import torch_xla.debug.metrics as xla_metrics  # noqa: E402
