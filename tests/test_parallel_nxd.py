@@ -49,7 +49,7 @@ def full_model() -> BmojoForCausalLM:
 
 def test_engine_without_neuronx_distributed_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "neuronx_distributed", None)
-    with pytest.raises(ImportError, match="parallel.engine=torch") as error:
+    with pytest.raises(ImportError, match="backend.engine=torch") as error:
         NxDEngine(Layout())
     assert str(error.value) == INSTALL_HINT
 

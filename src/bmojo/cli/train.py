@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -18,6 +20,8 @@ def main(config: DictConfig) -> float:
     with user_errors("bmojo-train"):
         run_dir = config.run_dir or HydraConfig.get().runtime.output_dir
         summary = train(config, run_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return summary.final_val_loss  # under torchrun, process 0 reports for all
     before = f"{summary.initial_val_loss:.4f} -> " if summary.initial_val_loss is not None else ""
     minutes, seconds = divmod(int(summary.timings.get("train_s", 0.0)), 60)
     print(f"\nrun folder:      {summary.run_dir}")

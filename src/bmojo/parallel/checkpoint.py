@@ -45,7 +45,12 @@ def describe_layout(engine: TorchEngine, engine_name: str = "torch") -> dict:
         "engine": engine_name,
         "layout": engine.layout.to_dict(),
         "param_specs": {
-            name: {"dim": spec.dim, "segments": list(spec.segments), "partial_grad": spec.partial_grad}
+            name: {
+                "dim": spec.dim,
+                "segments": list(spec.segments),
+                "partial_grad": spec.partial_grad,
+                "max_parts": list(spec.max_parts),
+            }
             for name, spec in plan.param_specs.items()
         },
         "pipeline": {

@@ -24,7 +24,8 @@ def _spec(recorded: dict, name: str) -> ShardSpec:
     fields = recorded["param_specs"].get(name)
     if fields is None:
         return ShardSpec()
-    return ShardSpec(fields["dim"], tuple(fields["segments"]), fields["partial_grad"])
+    # max_parts: SSM B/C groups kept whole by several ranks when there are fewer groups than ranks.
+    return ShardSpec(fields["dim"], tuple(fields["segments"]), fields["partial_grad"], tuple(fields["max_parts"]))
 
 
 def _stage_of(name: str, pipeline: dict, stages: list[range]) -> int:
@@ -82,9 +83,8 @@ def _split(full: dict, recorded: dict, tensor_parallel: int, stage_of: dict[str,
     return payload
 
 
-def convert(source: Path, target: Path, tensor_parallel: int, pipeline_parallel: int) -> Path:
-    """Write ``target`` holding ``source`` re-split ``tensor_parallel`` x ``pipeline_parallel`` ways."""
-    source, target = Path(source), Path(target)
+def _load(source: Path) -> tuple[dict, dict]:
+    """The recorded layout of ``source`` and its tensors and optimizer states merged whole."""
     recorded = json.loads((source / LAYOUT_FILE).read_text())
     old = recorded["layout"]
     payloads = {
@@ -92,7 +92,19 @@ def convert(source: Path, target: Path, tensor_parallel: int, pipeline_parallel:
         for tp_rank in range(old["tensor_parallel"])
         for stage in range(old["pipeline_parallel"])
     }
-    full = _merge(recorded, payloads)
+    return recorded, _merge(recorded, payloads)
+
+
+def full_model_state(source: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of a sharded checkpoint under the model's names (each shared weight once)."""
+    return _load(Path(source))[1]["model"]
+
+
+def convert(source: Path, target: Path, tensor_parallel: int, pipeline_parallel: int) -> Path:
+    """Write ``target`` holding ``source`` re-split ``tensor_parallel`` x ``pipeline_parallel`` ways."""
+    source, target = Path(source), Path(target)
+    recorded, full = _load(source)
+    old = recorded["layout"]
     pipeline = recorded["pipeline"]
     stages = split_units(pipeline["num_units"], pipeline_parallel)
     stage_of = {name: _stage_of(name, pipeline, stages) for name in full["model"]}

@@ -31,7 +31,7 @@ from bmojo.parallel.tensor_parallel import divide_attributes, sum_shared_rows
 
 INSTALL_HINT = (
     "the NxD engine needs neuronx-distributed from the Neuron SDK 2.28 environment (torch-neuronx 2.9, "
-    "neuronx-distributed 0.17; see launch/ and the Dockerfile); on CPU or GPU use parallel.engine=torch"
+    "neuronx-distributed 0.17; see launch/ and the Dockerfile); on CPU or GPU use backend.engine=torch"
 )
 
 

@@ -136,37 +136,41 @@ class TorchEngine:
             yield param
 
     # ------------------------------------------------------------------ step
-    def train_step(self, batches: torch.Tensor) -> StepLosses:
-        """Forward and backward over one optimizer step. batches: [microbatches, B, T] token ids (labels = inputs),
-        this data-parallel rank's share. Gradients are left in ``.grad``, averaged over micro-batches and ranks.
+    def train_step(self, batches: torch.Tensor, labels: torch.Tensor | None = None) -> StepLosses:
+        """Forward and backward over one optimizer step. batches: [microbatches, B, T] token ids, this data-parallel
+        rank's share; labels: the same shape, unshifted, -100 ignored (None: the inputs). Gradients are left in
+        ``.grad``, averaged over micro-batches and ranks.
         """
-        return self._run(batches, train=True)
+        return self._run(batches, labels, train=True)
 
     @torch.no_grad()
-    def eval_step(self, batches: torch.Tensor) -> StepLosses:
+    def eval_step(self, batches: torch.Tensor, labels: torch.Tensor | None = None) -> StepLosses:
         """Losses of ``batches`` ([microbatches, B, T], this data-parallel rank's share) without gradients."""
-        return self._run(batches, train=False)
+        return self._run(batches, labels, train=False)
 
-    def _run(self, batches: torch.Tensor, train: bool) -> StepLosses:
+    def _run(self, batches: torch.Tensor, labels: torch.Tensor | None, train: bool) -> StepLosses:
         if batches.ndim != 3 or batches.shape[0] != self.layout.microbatches:
             raise ValueError(
                 f"expected [microbatches={self.layout.microbatches}, batch, seq] token ids, "
                 f"got shape {tuple(batches.shape)}"
             )
+        if labels is not None and labels.shape != batches.shape:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} for token ids of shape {tuple(batches.shape)}")
         batches = batches.to(self.device)
+        labels = batches if labels is None else labels.to(self.device)
         self._recorded.clear()
         self.stage.train(train)
         with loss_parallel() if self.tp_mesh is not None else nullcontext():
             if self._schedule is None:
-                for micro in batches:
-                    loss = self._loss_fn(self.stage(micro), micro)
+                for micro, micro_labels in zip(batches, labels, strict=True):
+                    loss = self._loss_fn(self.stage(micro), micro_labels)
                     if train:
                         (loss / len(batches)).backward()
             else:
                 flat = batches.flatten(0, 1)
                 inputs = (flat,) if self.stage.is_first else ()
                 run = self._schedule.step if train else self._schedule.eval
-                run(*inputs, target=flat if self.stage.is_last else None, return_outputs=False)
+                run(*inputs, target=labels.flatten(0, 1) if self.stage.is_last else None, return_outputs=False)
         if train:
             self._finish_gradients()
         return self._step_losses()

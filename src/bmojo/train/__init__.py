@@ -7,8 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bmojo.train.checkpoint import CheckpointError, load_model_and_tokenizer
-from bmojo.train.config import Device, RunConfig, recipes_dir, register_configs
+from bmojo.train.config import RunConfig, recipes_dir, register_configs
 from bmojo.train.device import DeviceError
+from bmojo.train.distributed import select_trainer
 from bmojo.train.export import export_model, generate_sample
 from bmojo.train.trainer import NonFiniteLossError, Trainer, TrainSummary, build_model
 
@@ -37,9 +38,4 @@ def train(config: DictConfig | RunConfig, run_dir: str | Path | None = None) -> 
     else:
         config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
     run_dir = Path(run_dir or config.run_dir or Path("runs") / config.name)
-    trainer_class = Trainer
-    if config.backend.device == Device.xla:
-        from bmojo.train.xla import XlaTrainer
-
-        trainer_class = XlaTrainer
-    return trainer_class(config, run_dir, config_yaml).fit()
+    return select_trainer(config)(config, run_dir, config_yaml).fit()

@@ -5,6 +5,10 @@ Layout of ``<run_dir>/checkpoints/``::
     step_00000100/  model.safetensors  model_config.json  optimizer.pt  trainer_state.pt  config.yaml  tokenizer/
     latest          the name of the newest complete checkpoint
 
+A run of several processes writes, instead of ``model.safetensors`` and ``optimizer.pt``, the shards of its
+parallel engine (``layout.json``, ``tp_rank_XX_pp_rank_XX.pt``; see ``bmojo.parallel.checkpoint``); its weights
+load whole from there too.
+
 A checkpoint is written into a hidden temporary folder and renamed into place, and only then does
 ``latest`` move, so a run killed at any moment leaves the previous checkpoint intact and pointed to.
 """
@@ -22,6 +26,8 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.parallel.checkpoint import LAYOUT_FILE
+from bmojo.parallel.convert import full_model_state
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +85,22 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically, point ``latest`` at it, prune to ``keep_last``."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:08d}"
-    temporary = root / f".{final.name}.tmp"
+    final, temporary = checkpoint_paths(root, step)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     _write_files(temporary, model, tokenizer, state, config_yaml)
+    return publish_checkpoint(temporary, final, keep_last)
+
+
+def checkpoint_paths(root: Path, step: int) -> tuple[Path, Path]:
+    """The folder of checkpoint ``step`` under ``root``, and the hidden temporary folder it is written into first."""
+    final = root / f"{_PREFIX}{step:08d}"
+    return final, root / f".{final.name}.tmp"
+
+
+def publish_checkpoint(temporary: Path, final: Path, keep_last: int) -> Path:
+    """Turn the fully written ``temporary`` folder into checkpoint ``final``: flush, rename, move ``latest``, prune."""
+    root = final.parent
     for path in temporary.iterdir():
         if path.is_file():
             with open(path, "rb") as handle:
@@ -126,11 +143,35 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_training_state(folder: Path, model: torch.nn.Module) -> TrainingState:
     """Load the weights into ``model`` (in place) and return the optimizer, scheduler and trainer state."""
+    if is_sharded_checkpoint(folder):
+        raise CheckpointError(
+            f"{folder} was written by a run of several processes (sharded, {LAYOUT_FILE}): resume it with "
+            "torchrun and the same parallel recipe, or start a new run from its weights with "
+            f"trainer.init_from={folder}"
+        )
     load_model(model, str(folder / "model.safetensors"))
     trainer = torch.load(folder / "trainer_state.pt", weights_only=True)
     scheduler = trainer.pop("scheduler")
     optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     return TrainingState(optimizer=optimizer, scheduler=scheduler, trainer=trainer)
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds the per-rank shards of a parallel run rather than one ``model.safetensors``."""
+    return (Path(folder) / LAYOUT_FILE).is_file()
+
+
+def load_weights(model: BmojoForCausalLM, folder: Path) -> None:
+    """Checkpoint ``folder``'s weights into ``model``: its ``model.safetensors``, or its shards merged whole."""
+    if not is_sharded_checkpoint(folder):
+        load_model(model, str(Path(folder) / "model.safetensors"))
+        return
+    state = full_model_state(folder)
+    expected = dict(model.named_parameters())  # each tied weight once, as the shards hold it
+    if state.keys() != expected.keys():
+        difference = sorted(state.keys() ^ expected.keys())
+        raise CheckpointError(f"the shards in {folder} do not hold this model's weights; differing: {difference[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
 def resolve_model_folder(path: str | Path) -> Path:
@@ -158,7 +199,7 @@ def load_model_and_tokenizer(path: str | Path) -> tuple[BmojoForCausalLM, PreTra
         tokenizer_folder = folder
     else:
         model = BmojoForCausalLM(BmojoConfig.from_json_file(str(folder / "model_config.json")))
-        load_model(model, str(folder / "model.safetensors"))
+        load_weights(model, folder)
         tokenizer_folder = folder / "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))

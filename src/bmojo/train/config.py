@@ -123,17 +123,32 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. This build runs one process; other engines plug in here."""
+    """How the processes of a run share the work (docs/parallel.md); the engine comes from ``backend.engine``.
 
-    engine: str = "single"
-    data_parallel_size: int = 1
+    ``bmojo.parallel.setup.layout_from_config`` turns it into a layout, with the trainer's
+    ``grad_accum_steps`` as the micro-batches of a step.
+    """
+
+    data_parallel_size: int | None = None  # null: every process not taken by tensor/pipeline parallelism
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    sequence_parallel: bool = False  # split norms and the residual stream along the sequence over TP ranks
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b or gpipe (torch engine only)
+    zero1: bool = False  # shard optimizer states over data-parallel ranks, keep whole parameters
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+
+
+class Engine(Enum):
+    """What runs a layout of several processes (``bmojo.parallel.setup.build_engine``)."""
+
+    torch = "torch"  # torch.distributed: gloo on CPU, nccl on CUDA
+    nxd = "nxd"  # neuronx-distributed on trn1
 
 
 @dataclass
 class BackendConfig:
     device: Device = Device.auto
+    engine: Engine = Engine.torch
     kernels: KernelBackend = KernelBackend.auto
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
 

@@ -29,6 +29,7 @@ from bmojo.train.config import ModelConfig, Resume, RunConfig
 from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state, to_host
 from bmojo.train.export import export_model, generate_sample
 from bmojo.train.metrics import MetricsLog
+from bmojo.train.processes import launched_processes, runs_in_parallel
 from bmojo.train.schedule import lr_multiplier
 
 logger = logging.getLogger(__name__)
@@ -81,16 +82,10 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.config
-        if (
-            cfg.parallel.engine != "single"
-            or max(
-                cfg.parallel.data_parallel_size, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
-            )
-            > 1
-        ):
+        if runs_in_parallel(cfg.parallel, launched_processes()):
             raise ValueError(
-                f"parallel={cfg.parallel} asks for several processes, which this build does not run yet; "
-                "use parallel=single"
+                f"{type(self).__name__} trains in one process; several processes train through bmojo.train.train "
+                "(bmojo-train), which picks the parallel trainer"
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = select_device(cfg.backend)
@@ -254,6 +249,10 @@ class Trainer:
         return {"loss": lm_loss, "aux_loss": aux_loss, "grad_norm": grad_norm, "lr": lr}
 
     # ---------------------------------------------------------------- loop
+    def _report(self, message: str) -> None:
+        """Print a line of progress above the progress bar."""
+        tqdm.write(message)
+
     def _request_stop(self, signum: int, frame: object) -> None:
         if self._stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
@@ -282,7 +281,7 @@ class Trainer:
         if self.step == 0:
             initial_val = self.evaluate()
             self.metrics.write(0, val_loss=initial_val)
-            tqdm.write(f"validation loss before training: {initial_val:.4f}")
+            self._report(f"validation loss before training: {initial_val:.4f}")
         self.model.train()
         checkpoint = None
         tokens_per_step = self.loader.global_batch * self.data.seq_len
@@ -310,7 +309,7 @@ class Trainer:
                         "trainer.max_grad_norm set, or check the data. The last good checkpoint is in "
                         f"{self.checkpoint_root}"
                     )
-                tqdm.write(f"step {self.step}: non-finite loss or gradient, update skipped")
+                self._report(f"step {self.step}: non-finite loss or gradient, update skipped")
                 continue
             if self._is_log_step():
                 elapsed = time.perf_counter() - window_start
@@ -323,7 +322,7 @@ class Trainer:
             if self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 val = self.evaluate()
                 self.metrics.write(self.step, val_loss=val)
-                tqdm.write(f"step {self.step}: validation loss {val:.4f}")
+                self._report(f"step {self.step}: validation loss {val:.4f}")
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 checkpoint = self._save()
         bar.close()
@@ -345,7 +344,7 @@ class Trainer:
         )
         if stopped_early:
             reason = self._stop_signal or "trainer.steps_this_run reached"
-            tqdm.write(f"stopped at step {self.step} ({reason}); checkpoint {checkpoint}; rerun to resume")
+            self._report(f"stopped at step {self.step} ({reason}); checkpoint {checkpoint}; rerun to resume")
             return summary
         if cfg.export_at_end:
             summary.export_dir = export_model(self._host_model(), self.tokenizer, self.run_dir / "export")

@@ -27,6 +27,7 @@ from bmojo import BmojoForCausalLM
 from bmojo.data import eval_batches
 from bmojo.train.config import Precision
 from bmojo.train.device import DeviceError, to_host
+from bmojo.train.processes import is_one_process_recipe
 from bmojo.train.trainer import Trainer, TrainSummary
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,9 @@ class XlaTrainer(Trainer):
 
     def _setup(self) -> None:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        if processes > 1 and self.config.parallel.engine == "single":
+        if processes > 1 and is_one_process_recipe(self.config.parallel):
             raise ValueError(
-                f"{processes} processes were started (WORLD_SIZE) but parallel.engine=single trains in one: each "
+                f"{processes} processes were started (WORLD_SIZE) but parallel=single trains in one: each "
                 "would train the same model into the same run folder; launch one process "
                 "(launch/torchrun.sh --nproc 1) or pick a parallel recipe that spreads the work over the processes"
             )

@@ -1,0 +1,342 @@
+"""Training on several processes through a parallel engine (docs/parallel.md, "Training on several processes").
+
+torchrun starts one process per device. Each builds the same model from the run's seed, keeps its share of it
+through the engine of ``backend.engine`` under the layout of the ``parallel`` group, and reads its
+data-parallel share of every step. Losses, gradient norms and the decision to skip a step come out of the
+engine identical on every process, so all of them take the same path through the loop. Process 0 alone
+prints, writes metrics, the run's config and tokenizer, the checkpoint's metadata and the export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.data import BlockLoader, DataError, PackedData, prepare_data
+from bmojo.parallel.setup import build_engine, layout_from_config
+from bmojo.train.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    checkpoint_paths,
+    is_sharded_checkpoint,
+    load_model_and_tokenizer,
+    load_weights,
+    publish_checkpoint,
+)
+from bmojo.train.config import Device, Engine, RunConfig
+from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state
+from bmojo.train.export import export_model, generate_sample
+from bmojo.train.metrics import MetricsLog
+from bmojo.train.processes import is_one_process_recipe, launched_processes, processes_needed, runs_in_parallel
+from bmojo.train.schedule import lr_multiplier
+from bmojo.train.trainer import Trainer, TrainSummary, build_model
+
+logger = logging.getLogger(__name__)
+
+NXD_NOT_IN_TRAINER = (
+    "bmojo-train runs a trn1 recipe (backend.engine=nxd) as one process on one NeuronCore; the NxD engine "
+    "(bmojo.parallel.NxDEngine) is not driven by the trainer. Start one process with parallel=single "
+    "(launch/torchrun.sh --nproc 1), or train on several CPU or GPU processes with backend=cpu or backend=gpu"
+)
+
+
+def select_trainer(config: RunConfig) -> type[Trainer]:
+    """The trainer for this recipe and launch: one process, one XLA device, or several processes."""
+    processes, parallel = launched_processes(), config.parallel
+    if config.backend.device == Device.xla or config.backend.engine == Engine.nxd:
+        if processes_needed(parallel) > 1 or (processes > 1 and not is_one_process_recipe(parallel)):
+            raise ValueError(NXD_NOT_IN_TRAINER)
+    if config.backend.device == Device.xla:
+        # Refuses several processes of a one-process recipe itself; torch-xla is imported only when asked for.
+        from bmojo.train.xla import XlaTrainer
+
+        return XlaTrainer
+    return ParallelTrainer if runs_in_parallel(config.parallel, processes) else Trainer
+
+
+class _NoMetrics:
+    """What processes other than 0 log to: nothing."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, **values: float | int | str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ParallelTrainer(Trainer):
+    """The :class:`Trainer` on several processes started by torchrun, through the PyTorch engine."""
+
+    def fit(self) -> TrainSummary:
+        try:
+            return super().fit()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.config
+        self.device = self._process_device()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank = dist.get_rank()
+        self.is_main = self.rank == 0
+        # Hydra names its output folder after the start time, which may differ by a second between processes.
+        self.run_dir = Path(self._from_main(str(self.run_dir)))
+        self.checkpoint_root = self.run_dir / CHECKPOINTS
+        layout = layout_from_config(cfg.parallel, cfg.trainer.grad_accum_steps, dist.get_world_size())
+        self.engine = build_engine(cfg.backend.engine.value, layout, self.device, cfg.trainer.max_grad_norm)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        resume_from = self._from_main(self._resume_folder() if self.is_main else None)
+        tokenizer, model = None, None
+        if resume_from is not None:
+            tokenizer = AutoTokenizer.from_pretrained(str(resume_from / "tokenizer"))
+            model = BmojoForCausalLM(BmojoConfig.from_json_file(str(resume_from / "model_config.json")))
+        elif cfg.trainer.init_from:
+            model, tokenizer = load_model_and_tokenizer(cfg.trainer.init_from)
+            if self.is_main:
+                logger.info("fine-tuning from %s", cfg.trainer.init_from)
+        started = time.perf_counter()
+        self.tokenizer, self.data = self._prepare_data(tokenizer)
+        self.timings = {"data_s": time.perf_counter() - started}
+        model = model or build_model(cfg.model, self.tokenizer)
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} entries but the model only {model.config.vocab_size}"
+            )
+        self.model_config = model.config
+        parameters = sum(p.numel() for p in model.parameters())
+        self.model = self.engine.parallelize(model, self.data.seq_len)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.max_steps)
+        )
+        self.loader = BlockLoader(
+            self.data.train,
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.grad_accum_steps,
+            cfg.seed,
+            cfg.data.shuffle,
+            rank=self.engine.dp_rank,
+            world_size=layout.data_parallel,
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.nonfinite_in_a_row = 0
+        self._pending_signal: str | None = None
+        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.trainer.tensorboard) if self.is_main else _NoMetrics()
+        if resume_from is not None:
+            self._restore(resume_from)
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+            logger.info(
+                "model %s: %s parameters on %d processes (%s), %s",
+                model.config.layer_pattern,
+                f"{parameters:,}",
+                layout.world_size,
+                ", ".join(f"{key}={value}" for key, value in layout.to_dict().items()),
+                self.device.type,
+            )
+
+    def _process_device(self) -> torch.device:
+        """This process's device: its own GPU (torchrun's ``LOCAL_RANK``) on CUDA, else the CPU."""
+        if self.config.backend.engine != Engine.torch:
+            raise ValueError(NXD_NOT_IN_TRAINER)
+        device = select_device(self.config.backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        return device
+
+    def _from_main(self, value):
+        """``value`` as process 0 has it, on every process."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _prepare_data(self, tokenizer: PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, PackedData]:
+        """The data on every process; a tokenizer to be trained is trained by process 0 and shared, so every
+        process tokenizes alike (and a corpus to download is downloaded once)."""
+        cfg = self.config
+        if tokenizer is not None:
+            return prepare_data(cfg.data, cfg.seed, tokenizer)
+        shared = self.run_dir / "tokenizer"
+        if self.is_main:
+            tokenizer, data = prepare_data(cfg.data, cfg.seed)
+            tokenizer.save_pretrained(str(shared))
+        dist.barrier()
+        if not self.is_main:
+            tokenizer, data = prepare_data(cfg.data, cfg.seed, AutoTokenizer.from_pretrained(str(shared)))
+        return tokenizer, data
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save(self) -> Path:
+        """Every process writes its shards into the temporary folder; process 0 adds the rest and publishes it."""
+        cursors = self._gathered({self.engine.dp_rank: self.loader.state_dict()})
+        rngs = self._gathered({self.rank: rng_state()})
+        final, temporary = checkpoint_paths(self.checkpoint_root, self.step)
+        if self.is_main:
+            self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(temporary, ignore_errors=True)  # left by a run stopped while writing it
+        dist.barrier()
+        self.engine.save(temporary, self.optimizer)
+        if self.is_main:
+            trainer_state = {
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "data_cursors": cursors,
+                "rng": rngs,
+            }
+            torch.save(trainer_state, temporary / "trainer_state.pt")
+            self.model_config.to_json_file(str(temporary / "model_config.json"))
+            (temporary / "config.yaml").write_text(self.config_yaml)
+            self.tokenizer.save_pretrained(str(temporary / "tokenizer"))
+            publish_checkpoint(temporary, final, self.config.trainer.keep_last)
+        dist.barrier()
+        return final
+
+    def _gathered(self, mine: dict) -> dict:
+        """The union of every process's ``mine``."""
+        parts: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        return {key: value for part in parts for key, value in part.items()}
+
+    def _restore(self, folder: Path) -> None:
+        if not is_sharded_checkpoint(folder):
+            raise CheckpointError(
+                f"{folder} was written by a run of one process: resume it with one process (parallel=single), or "
+                f"start a new run folder from its weights with trainer.init_from={folder}"
+            )
+        self.engine.load(folder, self.optimizer)
+        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        cursors, rngs = state["data_cursors"], state["rng"]
+        layout = self.engine.layout
+        if len(cursors) != layout.data_parallel or len(rngs) != layout.world_size:
+            raise CheckpointError(
+                f"{folder} was written by {len(rngs)} processes with {len(cursors)} data-parallel ranks; this run has "
+                f"{layout.world_size} with {layout.data_parallel}: resume with the same number of processes"
+            )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.loader.load_state_dict(cursors[self.engine.dp_rank])
+        set_rng_state(rngs[self.rank])
+        self.metrics.truncate_after(self.step)
+
+    # ---------------------------------------------------------------- steps
+    def _labels(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Labels of ``[..., B, T]`` blocks (a synthetic task masks all but its answers)."""
+        return self.data.labels(blocks.flatten(0, -2)).view_as(blocks)
+
+    @torch.no_grad()
+    def evaluate(self, data: PackedData | None = None) -> float:
+        """Mean next-token loss over the held-out blocks a one-process run with the same global batch evaluates.
+
+        Every evaluation step takes ``microbatches x data-parallel ranks x micro_batch_size`` blocks, so a
+        held-out tail that fills no whole step is left out.
+        """
+        data = data or self.data
+        layout, micro = self.engine.layout, self.config.trainer.micro_batch_size
+        per_step = layout.microbatches * layout.data_parallel * micro
+        steps = min(math.ceil(self.config.trainer.eval_batches / layout.microbatches), len(data.val) // per_step)
+        if steps == 0:
+            raise DataError(
+                f"only {len(data.val)} held-out blocks, fewer than one evaluation step of {per_step} (micro batch "
+                f"{micro} x accumulation {layout.microbatches} x data-parallel ranks {layout.data_parallel}); raise "
+                "data.val_fraction or lower trainer.micro_batch_size"
+            )
+        total = 0.0
+        for index in range(steps):
+            ids = np.asarray(data.val[index * per_step : (index + 1) * per_step]["input_ids"])
+            # [accumulation, rank, micro] as the training loader lays a step out
+            blocks = torch.as_tensor(ids, dtype=torch.long).view(layout.microbatches, layout.data_parallel, micro, -1)
+            blocks = blocks[:, self.engine.dp_rank]
+            with autocast(self.device, self.config.trainer.precision):
+                total += self.engine.eval_step(blocks, self._labels(blocks)).lm_loss
+        return total / steps
+
+    def _train_step(self) -> dict[str, float] | None:
+        step_blocks = self.loader.next_step()
+        with autocast(self.device, self.config.trainer.precision):
+            losses = self.engine.train_step(step_blocks, self._labels(step_blocks))
+        grad_norm = self.engine.clip_grad_norm_(self.config.trainer.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        # The same values on every process, so every process skips the same steps.
+        finite = math.isfinite(losses.lm_loss + losses.aux_loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.loader.global_batch * self.data.seq_len
+        self._agree_on_stop()
+        if not finite:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            return None
+        self.nonfinite_in_a_row = 0
+        return {"loss": losses.lm_loss, "aux_loss": losses.aux_loss, "grad_norm": grad_norm, "lr": lr}
+
+    # ---------------------------------------------------------------- loop
+    def _report(self, message: str) -> None:
+        if self.is_main:
+            super()._report(message)
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        """Note the signal; the processes stop together, after the step in which any of them got one."""
+        if self._pending_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self._pending_signal = signal.Signals(signum).name
+
+    def _agree_on_stop(self) -> None:
+        """Stop every process once any has been signalled: a process leaving the loop alone would stall the rest."""
+        if self._stop_signal is not None:
+            return
+        signalled = torch.tensor([self._pending_signal is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+        if signalled.item():
+            self._stop_signal = self._pending_signal or "a signal to another process"
+            self._report(f"{self._stop_signal}: finishing this step, saving a checkpoint and exiting")
+
+    def _loop(self, cfg) -> TrainSummary:
+        """The loop of :class:`Trainer`, with the bar on process 0 and the export from the final shards."""
+        quiet = dataclasses.replace(
+            cfg, progress_bar=cfg.progress_bar and self.is_main, export_at_end=False, sample_tokens=0
+        )
+        summary = super()._loop(quiet)
+        if not summary.stopped_early and self.is_main and (cfg.export_at_end or cfg.sample_tokens > 0):
+            model = BmojoForCausalLM(self.model_config)
+            load_weights(model, summary.checkpoint)
+            if cfg.export_at_end:
+                summary.export_dir = export_model(model, self.tokenizer, self.run_dir / "export")
+            if cfg.sample_tokens > 0:
+                summary.sample = generate_sample(
+                    model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=self.config.seed
+                )
+        dist.barrier()  # the other processes wait, so that none closes the process group under process 0
+        return summary
