@@ -13,6 +13,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from bmojo import BmojoConfig
 from bmojo.data import byte_tokenizer
+from bmojo.parallel.setup import layout_from_config
 from bmojo.train import DeviceError, build_model, recipes_dir, train
 from bmojo.train.config import ModelConfig
 
@@ -79,3 +80,20 @@ def test_typos_and_wrong_types_fail_at_composition(compose_recipe, override, mes
 def test_trn1_backend_fails_clearly_without_the_neuron_stack(tiny_config):
     with pytest.raises(DeviceError, match="torch-xla"):
         train(tiny_config("backend=trn1"))
+
+
+@pytest.mark.parametrize("preset", options("parallel"))
+def test_every_parallel_preset_composes_into_a_layout(compose_recipe, preset):
+    parallel = OmegaConf.to_object(compose_recipe([f"parallel={preset}"])).parallel
+    world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size * (parallel.data_parallel_size or 2)
+    layout = layout_from_config(parallel, microbatches=2, world_size=world_size)
+    assert layout.world_size == world_size and layout.sequence_parallel == parallel.sequence_parallel
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_trn1_pretraining_presets_take_256_sequences_a_step_on_one_node(compose_recipe, size):
+    config = compose_recipe([f"experiment=pretrain_{size}_trn1"])
+    trainer = config.trainer
+    layout = layout_from_config(config.parallel, trainer.grad_accum_steps, world_size=32)  # one trn1.32xlarge
+    assert layout.data_parallel * trainer.micro_batch_size * trainer.grad_accum_steps == 256
+    assert config.backend.engine.value == "nxd"
