@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import sentences, tiny_overrides
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from parallel import harness
 from transformers import AutoModelForCausalLM
 
 from bmojo import BmojoConfig, BmojoForCausalLM
@@ -27,6 +31,7 @@ from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import bmojo_plan
 from bmojo.train import CheckpointError, recipes_dir, register_configs, train
 from bmojo.train.checkpoint import CHECKPOINTS, latest_checkpoint, load_model_and_tokenizer, load_training_state
+from bmojo.train.distributed import ParallelTrainer
 from bmojo.train.metrics import read_metrics
 
 STEPS = ("trainer.max_steps=3",)
@@ -174,3 +179,21 @@ def test_shards_of_ssm_groups_shared_by_ranks_merge_back_whole(tmp_path):
     assert all(torch.equal(merged[name], param) for name, param in whole.items())
     in_proj = next(name for name in whole if name.endswith("in_proj.weight"))
     assert plan.spec(in_proj).shared_rows(2)  # the case this test is about
+
+
+def _signal_reaches_every_process(config) -> None:
+    """Rank 1 alone is signalled; after the step both ranks know to stop, so they leave the loop together."""
+    trainer = ParallelTrainer(config, Path("unused"))
+    trainer.device, trainer.is_main, trainer._pending_signal = torch.device("cpu"), dist.get_rank() == 0, None
+    trainer._agree_on_stop()
+    assert trainer._stop_signal is None
+    if dist.get_rank() == 1:
+        trainer._request_stop(signal.SIGTERM, None)
+    trainer._agree_on_stop()
+    expected = "SIGTERM" if dist.get_rank() == 1 else "a signal to another process"
+    assert trainer._stop_signal == expected
+
+
+@pytest.mark.distributed
+def test_a_signal_to_one_process_stops_all_of_them_after_the_step(root):
+    harness.launch(2, _signal_reaches_every_process, config=OmegaConf.to_object(compose_tiny(root, "signal")))
