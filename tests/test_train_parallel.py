@@ -197,3 +197,15 @@ def _signal_reaches_every_process(config) -> None:
 @pytest.mark.distributed
 def test_a_signal_to_one_process_stops_all_of_them_after_the_step(root):
     harness.launch(2, _signal_reaches_every_process, config=OmegaConf.to_object(compose_tiny(root, "signal")))
+
+
+def _resume_under_another_layout(config) -> None:
+    trainer = ParallelTrainer(config, Path(config.run_dir))
+    with pytest.raises(CheckpointError, match="tensor_parallel=2.*this run has.*tensor_parallel=1.*trainer.init_from="):
+        trainer._setup()
+
+
+@pytest.mark.distributed
+def test_a_run_resumes_only_under_the_layout_that_wrote_it(root, tensor_parallel):
+    config = compose_tiny(root, tensor_parallel[0].name, "parallel=dp", "trainer.micro_batch_size=2")
+    harness.launch(2, _resume_under_another_layout, config=OmegaConf.to_object(config))

@@ -10,6 +10,7 @@ prints, writes metrics, the run's config and tokenizer, the checkpoint's metadat
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bmojo import BmojoConfig, BmojoForCausalLM
 from bmojo.data import BlockLoader, DataError, PackedData, prepare_data
+from bmojo.parallel.checkpoint import LAYOUT_FILE
 from bmojo.parallel.setup import build_engine, layout_from_config
 from bmojo.train.checkpoint import (
     CHECKPOINTS,
@@ -160,8 +162,6 @@ class ParallelTrainer(Trainer):
 
     def _process_device(self) -> torch.device:
         """This process's device: its own GPU (torchrun's ``LOCAL_RANK``) on CUDA, else the CPU."""
-        if self.config.backend.engine != Engine.torch:
-            raise ValueError(NXD_NOT_IN_TRAINER)
         device = select_device(self.config.backend)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -230,15 +230,19 @@ class ParallelTrainer(Trainer):
                 f"{folder} was written by a run of one process: resume it with one process (parallel=single), or "
                 f"start a new run folder from its weights with trainer.init_from={folder}"
             )
+        sizes = ("data_parallel", "tensor_parallel", "pipeline_parallel")
+        written = json.loads((folder / LAYOUT_FILE).read_text())["layout"]
+        ours = self.engine.layout.to_dict()
+        if any(written[size] != ours[size] for size in sizes):
+            # The data cursors and RNG states are per rank, so even another data-parallel size cannot continue.
+            raise CheckpointError(
+                f"{folder} was written with {', '.join(f'{size}={written[size]}' for size in sizes)} but this run has "
+                f"{', '.join(f'{size}={ours[size]}' for size in sizes)}: resume it with that layout and number of "
+                f"processes, or start a new run folder from its weights with trainer.init_from={folder}"
+            )
         self.engine.load(folder, self.optimizer)
         state = torch.load(folder / "trainer_state.pt", weights_only=True)
         cursors, rngs = state["data_cursors"], state["rng"]
-        layout = self.engine.layout
-        if len(cursors) != layout.data_parallel or len(rngs) != layout.world_size:
-            raise CheckpointError(
-                f"{folder} was written by {len(rngs)} processes with {len(cursors)} data-parallel ranks; this run has "
-                f"{layout.world_size} with {layout.data_parallel}: resume with the same number of processes"
-            )
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
