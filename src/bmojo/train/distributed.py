@@ -85,10 +85,11 @@ class ParallelTrainer(Trainer):
     """The :class:`Trainer` on several processes started by torchrun, through the PyTorch engine."""
 
     def fit(self) -> TrainSummary:
+        started_here = not dist.is_initialized()
         try:
             return super().fit()
         finally:
-            if dist.is_initialized():
+            if started_here and dist.is_initialized():
                 dist.destroy_process_group()
 
     # ---------------------------------------------------------------- setup
