@@ -29,6 +29,7 @@ from bmojo.parallel.checkpoint import describe_layout, shard_file
 from bmojo.parallel.convert import full_model_state
 from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import bmojo_plan
+from bmojo.parallel.torch_engine import TorchEngine
 from bmojo.train import CheckpointError, recipes_dir, register_configs, train
 from bmojo.train.checkpoint import CHECKPOINTS, latest_checkpoint, load_model_and_tokenizer, load_training_state
 from bmojo.train.distributed import ParallelTrainer
@@ -209,3 +210,27 @@ def _resume_under_another_layout(config) -> None:
 def test_a_run_resumes_only_under_the_layout_that_wrote_it(root, tensor_parallel):
     config = compose_tiny(root, tensor_parallel[0].name, "parallel=dp", "trainer.micro_batch_size=2")
     harness.launch(2, _resume_under_another_layout, config=OmegaConf.to_object(config))
+
+
+def _masked_labels_reach_the_loss(layout_fields: dict) -> None:
+    layout = Layout(**layout_fields)
+    model = harness.tiny_model("B")
+    reference = harness.clone_model(model).eval()
+    batches = harness.step_batches(0, layout.microbatches, batch=2)
+    labels = batches.clone()
+    labels[..., ::2] = -100  # a synthetic task's labels: only some positions are targets
+    with torch.no_grad():
+        outputs = [reference(micro, labels=micro_labels) for micro, micro_labels in zip(batches, labels, strict=True)]
+    expected = sum(float(out.loss - out.aux_loss) for out in outputs) / len(outputs)
+    engine = TorchEngine(layout)
+    engine.parallelize(model)
+    assert abs(engine.eval_step(batches, labels).lm_loss - expected) <= TOLERANCE
+    assert abs(engine.eval_step(batches).lm_loss - expected) > 100 * TOLERANCE  # the mask changes the loss
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "layout", [dict(tensor_parallel=2), dict(pipeline_parallel=2, microbatches=2)], ids=["tp2", "pp2"]
+)
+def test_the_engine_takes_labels_that_mask_positions(layout):
+    harness.launch(2, _masked_labels_reach_the_loss, layout_fields=layout)
