@@ -10,7 +10,14 @@ import torch
 
 from bmojo import BmojoConfig, BmojoForCausalLM
 from bmojo.data import DataConfig, DataSource, prepare_data
-from bmojo.data.mqar import Filler, MqarConfig, MqarLayout, generate_examples, mqar_labels
+from bmojo.data.mqar import (
+    Filler,
+    MqarConfig,
+    MqarLayout,
+    generate_examples,
+    mqar_labels,
+    mqar_training_labels,
+)
 from bmojo.eval.mqar import evaluate_mqar
 
 SEQ_LEN = 64
@@ -58,6 +65,20 @@ def test_labels_are_the_queried_values_one_step_after_each_query():
         assert row_labels == expected and sum(label != -100 for label in row_labels) == 4
 
 
+@pytest.mark.parametrize("filler", [Filler.periodic, Filler.noise])
+def test_training_labels_add_the_filler_to_the_answers(filler):
+    lay = layout(filler=filler)
+    ids = torch.as_tensor(generate_examples(lay, count=4, seed=6))
+    answers, training = mqar_labels(lay, ids), mqar_training_labels(lay, ids)
+    is_answer = answers != -100
+    assert torch.equal(training[is_answer], answers[is_answer])
+    expected_filler = (ids >= lay.first_filler) & ~is_answer
+    assert torch.equal(training != -100, is_answer | expected_filler)
+    assert torch.equal(training[expected_filler], ids[expected_filler])
+    without = MqarLayout(MqarConfig(num_pairs=4, gap=16, filler=filler, filler_targets=False), SEQ_LEN)
+    assert torch.equal(mqar_training_labels(without, ids), answers)
+
+
 def test_generation_is_deterministic_in_the_seed():
     assert (generate_examples(layout(), 4, seed=3) == generate_examples(layout(), 4, seed=3)).all()
     assert not (generate_examples(layout(), 4, seed=3) == generate_examples(layout(), 4, seed=4)).all()
@@ -82,7 +103,7 @@ def test_data_source_mqar_gives_blocks_labels_and_a_tokenizer():
     tokenizer, packed = prepare_data(config, seed=0)
     assert len(packed.train) == 20 and len(packed.val) == 5 and packed.seq_len == SEQ_LEN
     ids = torch.as_tensor(np.asarray(packed.val["input_ids"]))
-    assert (packed.labels(ids) != -100).sum() == 5 * 4
+    assert torch.equal(packed.labels(ids), mqar_training_labels(layout(), ids))
     assert tokenizer.decode(ids[0, :2].tolist()).split()[0].startswith("k")
     assert len(tokenizer) == layout().vocab_size and tokenizer.eos_token_id == 0
     _, again = prepare_data(config, seed=0)

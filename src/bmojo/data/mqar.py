@@ -7,7 +7,8 @@ Each example of ``seq_len`` tokens is laid out as
 The first query comes ``gap`` tokens after the last pair, so with ``gap`` at least the window every pair has
 left the window of a sliding-window model before it is asked for. At a query key the next-token target is
 its value (as in Zoology's MQAR); the token fed after the key is the filler again, so the value never
-re-enters the context. Keys, values and filler use disjoint vocabularies.
+re-enters the context. Keys, values and filler use disjoint vocabularies. Accuracy counts the answers only;
+training also predicts the filler by default (``filler_targets``, see :func:`mqar_training_labels`).
 
 The filler is either ``periodic`` (``f_{t mod period}``) or ``noise`` (uniform random filler tokens, as
 surprising as the pairs). Queries sit at even positions (for an even gap), so with the default period of 2
@@ -19,9 +20,9 @@ after a query depends on the filler two steps back, which is harder to predict.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 
 import datasets
 import numpy as np
@@ -46,6 +47,7 @@ class MqarConfig:
     num_filler: int = 16  # filler vocabulary (noise draws from all of it)
     filler: Filler = Filler.periodic
     period: int = 2  # the periodic filler cycles through the first `period` filler tokens
+    filler_targets: bool = True  # also train next-token prediction of the filler (accuracy counts answers only)
     gap: int = 64  # filler tokens between the last pair and the query region
     train_examples: int = 20000
     val_examples: int = 256
@@ -125,8 +127,8 @@ def generate_examples(layout: MqarLayout, count: int, seed: int) -> np.ndarray:
 
 
 def mqar_labels(layout: MqarLayout, input_ids: torch.Tensor) -> torch.Tensor:
-    """Targets for ``input_ids [B, T]`` in the model's unshifted convention: ``[B, T]``, -100 except one step
-    after each query key, where the label is that key's value (read from the pairs at the start)."""
+    """The answers of ``input_ids [B, T]`` in the model's unshifted label convention: ``[B, T]``, -100 except
+    one step after each query key, where the label is that key's value (read from the pairs at the start)."""
     num_pairs = layout.config.num_pairs
     keys, values = input_ids[:, 0 : 2 * num_pairs : 2], input_ids[:, 1 : 2 * num_pairs : 2]
     value_of = torch.zeros(input_ids.shape[0], layout.vocab_size, dtype=input_ids.dtype, device=input_ids.device)
@@ -139,11 +141,18 @@ def mqar_labels(layout: MqarLayout, input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def mqar_label_fn(layout: MqarLayout) -> Callable[[torch.Tensor], torch.Tensor]:
-    def labels(input_ids: torch.Tensor) -> torch.Tensor:
-        return mqar_labels(layout, input_ids)
+def mqar_training_labels(layout: MqarLayout, input_ids: torch.Tensor) -> torch.Tensor:
+    """The answers plus, with ``filler_targets``, every filler token as the target of the token before it.
 
-    return labels
+    Trained to predict the filler, a model keeps its hidden states at the filler regular, so a fading memory
+    can predict them in every layer; without that target nothing constrains them, and in the second layer
+    they vary with whatever attention picked up, which the innovation test reads as surprise.
+    """
+    labels = mqar_labels(layout, input_ids)
+    if not layout.config.filler_targets:
+        return labels
+    is_filler = input_ids >= layout.first_filler
+    return torch.where(is_filler & (labels == IGNORE_INDEX), input_ids, labels)
 
 
 def mqar_tokenizer(layout: MqarLayout):
@@ -169,13 +178,14 @@ def mqar_dataset(layout: MqarLayout, count: int, seed: int) -> datasets.Dataset:
 
 
 def prepare_mqar(config: MqarConfig, seq_len: int, seed: int, tokenizer=None):
-    """Training and held-out MQAR examples as :class:`bmojo.data.PackedData` (labels mask all but the answers)
-    and the tokenizer (``tokenizer`` when given, e.g. on resume)."""
+    """Training and held-out MQAR examples as :class:`bmojo.data.PackedData` (its labels: the answers, and the
+    filler with ``filler_targets``) and the tokenizer (``tokenizer`` when given, e.g. on resume)."""
     from bmojo.data.packing import PackedData  # imported here for the same reason as in mqar_tokenizer
 
     layout = MqarLayout(config, seq_len)
     layout.validate()
     train = mqar_dataset(layout, config.train_examples, seed=seed)
     val = mqar_dataset(layout, config.val_examples, seed=seed + HELD_OUT_SEED_OFFSET)
-    packed = PackedData(train, val, seq_len, (len(train) + len(val)) * seq_len, label_fn=mqar_label_fn(layout))
+    labels = partial(mqar_training_labels, layout)
+    packed = PackedData(train, val, seq_len, (len(train) + len(val)) * seq_len, label_fn=labels)
     return tokenizer or mqar_tokenizer(layout), packed
