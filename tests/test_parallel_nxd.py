@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def test_config_and_pipeline_come_from_the_plan(sharded):
     assert pipeline.kwargs["input_names"] == ["input_ids", "labels"]
     assert pipeline.kwargs["output_loss_value_spec"] == (True, False)
     assert pipeline.kwargs["use_zero1_optimizer"] is True
+    assert pipeline.kwargs["broadcast_and_average_loss"] is True and pipeline.kwargs["return_loss_on_cpu"] is False
     assert set(pipeline.kwargs["leaf_module_cls"]) == {"RMSNorm", "RotaryEmbedding"}
 
 
@@ -211,13 +213,15 @@ def test_one_rank_engine_computes_the_models_loss_and_gradients(monkeypatch):
     engine = NxDEngine(Layout(microbatches=2))
     model = engine.build(reference.config, weights=reference.state_dict())
     batches = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(0))
-    loss = engine.train_step(batches)
-    expected = 0.0
+    losses = engine.train_step(batches)
+    expected_lm = expected_aux = 0.0
     for micro in batches:
         out = reference(micro, labels=micro)
         (out.loss / 2).backward()
-        expected += float(out.loss) / 2
-    assert abs(float(loss) - expected) < 1e-5
+        expected_lm += float((out.loss - out.aux_loss).detach()) / 2
+        expected_aux += float(out.aux_loss) / 2
+    assert abs(float(losses.lm_loss) - expected_lm) < 1e-5
+    assert abs(float(losses.aux_loss) - expected_aux) < 1e-6 and expected_aux > 0
     assert fake.named("parallel_cross_entropy")
     grads = dict(reference.named_parameters())
     for name, param in model.named_parameters():
@@ -225,13 +229,18 @@ def test_one_rank_engine_computes_the_models_loss_and_gradients(monkeypatch):
 
 
 def test_checkpoint_records_the_layout_and_refuses_another(monkeypatch, tmp_path):
-    fake_nxd.install(monkeypatch, tp_rank=0, tp_size=1)
+    fake = fake_nxd.install(monkeypatch, tp_rank=0, tp_size=1)
     reference = full_model()
     engine = NxDEngine(Layout())
-    engine.build(reference.config)
-    engine.save(tmp_path, "step_1", user_content={"step": 1})
-    assert engine.load(tmp_path, "step_1") == {"step": 1}
+    engine.parallelize(reference)
+    folder = tmp_path / "step_1"
+    engine.save(folder)
+    (save,) = fake.named("save_checkpoint")
+    assert (save.kwargs["checkpoint_dir_str"], save.kwargs["tag"]) == (str(folder), "nxd")
+    assert json.loads((folder / "layout.json").read_text())["engine"] == "nxd"
+    engine.load(folder)
+    assert [c.kwargs["tag"] for c in fake.named("load_checkpoint")] == ["nxd"]
     other = NxDEngine(Layout(tensor_parallel=2))
     other.model = engine.model
     with pytest.raises(LayoutMismatchError, match="parallel.tensor_parallel_size=1"):
-        other.load(tmp_path, "step_1")
+        other.load(folder)

@@ -218,9 +218,35 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             model = NxDPPModel(model, **nxd_config["pipeline_config"])
         return model
 
+    class NxDOptimizer(torch.optim.Optimizer):
+        """Like NxD's: wraps the optimizer, clips in ``step`` and keeps the norm before clipping."""
+
+        def __init__(self, optimizer, nxd_config):  # no Optimizer.__init__, as in NxD
+            self.optimizer, self.nxd_config, self.grad_norm = optimizer, nxd_config, None
+
+        param_groups = property(lambda self: self.optimizer.param_groups)
+        state = property(lambda self: self.optimizer.state)
+        defaults = property(lambda self: self.optimizer.defaults)
+
+        def state_dict(self):
+            return self.optimizer.state_dict()
+
+        def load_state_dict(self, state_dict):
+            self.optimizer.load_state_dict(state_dict)
+
+        def zero_grad(self, set_to_none=True):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+        def step(self, closure=None):
+            settings = self.nxd_config["optimizer_config"]
+            if settings["grad_clipping"]:
+                params = [p for group in self.param_groups for p in group["params"]]
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"])
+            return self.optimizer.step(closure)
+
     def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
         fake.record("initialize_parallel_optimizer", optimizer_class=optimizer_class, **defaults)
-        return optimizer_class(parameters, **defaults)
+        return NxDOptimizer(optimizer_class(parameters, **defaults), nxd_config)
 
     def save_checkpoint(
         checkpoint_dir_str,
@@ -237,17 +263,28 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         use_zero1_dcp=False,
         avoid_saving_lower_precision_weights=False,
     ):
-        fake.record("save_checkpoint", tag=tag, zero1_optimizer=zero1_optimizer, user_content=user_content)
+        fake.record(
+            "save_checkpoint",
+            checkpoint_dir_str=checkpoint_dir_str,
+            tag=tag,
+            zero1_optimizer=zero1_optimizer,
+            user_content=user_content,
+            optimizer=optimizer,
+        )
         folder = Path(checkpoint_dir_str) / tag
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "user_content": user_content}, folder / "fake.pt")
+        saved = {"model": model.state_dict(), "user_content": user_content}
+        saved["optimizer"] = None if optimizer is None else optimizer.state_dict()
+        torch.save(saved, folder / "fake.pt")
 
     def load_checkpoint(
         path, tag=None, model=None, optimizer=None, scheduler=None, num_workers=8, strict=True, use_zero1_dcp=False
     ):
-        fake.record("load_checkpoint", tag=tag)
+        fake.record("load_checkpoint", path=path, tag=tag, optimizer=optimizer)
         saved = torch.load(Path(path) / tag / "fake.pt", weights_only=True)
         model.load_state_dict(saved["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(saved["optimizer"])
         return saved["user_content"]
 
     state = types.SimpleNamespace(
@@ -255,6 +292,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         get_tensor_model_parallel_size=lambda: fake.tp_size,
         get_tensor_model_parallel_group=lambda: None,
         get_data_parallel_rank=lambda: 0,
+        get_data_parallel_group=lambda: None,
         is_global_rank_zero=lambda: True,
     )
     modules = {

@@ -12,6 +12,7 @@ from exactly the weights a single process would.
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +29,9 @@ from bmojo.parallel.plan import Output, ParallelPlan, ShardSpec, bmojo_plan, che
 from bmojo.parallel.ssm_shard import localize_ssm_sizes, share_norm_groups
 from bmojo.parallel.stage import CausalLMWithLoss
 from bmojo.parallel.tensor_parallel import divide_attributes, sum_shared_rows
+from bmojo.parallel.torch_engine import StepLosses
 
+NXD_TAG = "nxd"  # the tag of NxD's own checkpoint inside a checkpoint folder
 INSTALL_HINT = (
     "the NxD engine needs neuronx-distributed from the Neuron SDK 2.28 environment (torch-neuronx 2.9, "
     "neuronx-distributed 0.17; see launch/ and the Dockerfile); on CPU or GPU use backend.engine=torch"
@@ -193,14 +196,18 @@ class _PlanApplier:
 
 
 class NxDEngine:
-    """Builds, trains and checkpoints a B'MOJO model through NxD's trainer API.
+    """Builds, trains and checkpoints a B'MOJO model through NxD's trainer API, with the interface of
+    :class:`~bmojo.parallel.torch_engine.TorchEngine` (the parallel trainer drives both).
 
     Usage on a Neuron host (one process per NeuronCore under torchrun, ``init_process_group("xla")`` first)::
 
         engine = NxDEngine(layout, max_grad_norm=1.0)
-        model = engine.build(config)                      # NxDModel (NxDPPModel inside when pipelined)
+        model = engine.parallelize(full_model)            # NxDModel (NxDPPModel inside when pipelined)
         optimizer = engine.build_optimizer(torch.optim.AdamW, param_groups, lr=3e-4)
-        loss = engine.train_step(batches); optimizer.step(); optimizer.zero_grad(); xm.mark_step()
+        losses = engine.train_step(batches); optimizer.step(); optimizer.zero_grad(); xm.mark_step()
+
+    Losses stay device tensors (read them in a step closure); NxD's optimizer reduces the gradients over
+    data-parallel ranks and clips them at ``max_grad_norm`` (its ``grad_norm`` is the norm before clipping).
     """
 
     def __init__(self, layout: Layout, max_grad_norm: float | None = 1.0):
@@ -221,9 +228,16 @@ class NxDEngine:
             "leaf_module_cls": [cls.__name__ for cls in plan.leaf_classes],
             "tracer_cls": "torch",
             "use_zero1_optimizer": self.layout.zero1,
+            # The mean loss on every stage, averaged over data-parallel ranks, left on the device.
+            "broadcast_and_average_loss": True,
+            "return_loss_on_cpu": False,
         }
 
-    def build(self, config: BmojoConfig, weights: dict[str, torch.Tensor] | None = None):
+    def parallelize(self, model: BmojoForCausalLM, seq_len: int | None = None):
+        """The parallel model holding this rank's share of ``model``'s weights (built alike on every rank)."""
+        return self.build(model.config, weights=model.state_dict(), seq_len=seq_len)
+
+    def build(self, config: BmojoConfig, weights: dict[str, torch.Tensor] | None = None, seq_len: int | None = None):
         """The parallel model. ``weights``: a full state dict to start from (else the config's initialisation)."""
         layout = self.layout
         if layout.schedule != "1f1b":
@@ -233,17 +247,18 @@ class NxDEngine:
                 "NxD's pipeline cannot share the embedding between the first and last stage (its known issue: the "
                 "shared weight gets no gradient); set model.tie_word_embeddings=false"
             )
-        check_plan_fits(config, layout.tensor_parallel, layout.sequence_parallel, None)
+        check_plan_fits(config, layout.tensor_parallel, layout.sequence_parallel, seq_len)
         with torch.device("meta"):
             self.plan = bmojo_plan(BmojoForCausalLM(config))
         self.nxd_config = self.api.nxd.neuronx_distributed_config(
             tensor_parallel_size=layout.tensor_parallel,
             pipeline_parallel_size=layout.pipeline_parallel,
             pipeline_config=self._pipeline_config(self.plan) if layout.pipeline_parallel > 1 else None,
+            # Clipping at infinity when none is asked for still gives the optimizer's grad_norm.
             optimizer_config={
                 "zero_one_enabled": layout.zero1,
-                "grad_clipping": self.max_grad_norm is not None,
-                "max_grad_norm": self.max_grad_norm or 1.0,
+                "grad_clipping": True,
+                "max_grad_norm": math.inf if self.max_grad_norm is None else self.max_grad_norm,
             },
             activation_checkpoint_config=self.plan.unit_class if layout.activation_checkpointing else None,
             sequence_parallel=layout.sequence_parallel,
@@ -263,27 +278,74 @@ class NxDEngine:
         """``NxDOptimizer``: ZeRO-1 when the layout asks, gradient clipping at ``max_grad_norm``."""
         return self.api.nxd.initialize_parallel_optimizer(self.nxd_config, optimizer_class, param_groups, **defaults)
 
+    def named_parameters(self):
+        """This rank's parameters, as NxD's model reports them."""
+        return self.model.named_parameters()
+
     @property
-    def data_parallel_rank(self) -> int:
+    def dp_rank(self) -> int:
         return self.api.state.get_data_parallel_rank()
 
-    def train_step(self, batches: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one optimizer step; batches: [microbatches, B, T] on the XLA device.
+    @property
+    def device(self) -> torch.device:
+        """Where NxD put the model (the XLA device)."""
+        return next(self.model.parameters()).device
 
-        Returns the loss as a device tensor (log it through a step closure; reading it here would cut the graph).
+    def train_step(self, batches: torch.Tensor, labels: torch.Tensor | None = None) -> StepLosses:
+        """Forward and backward of one optimizer step. batches: [microbatches, B, T] token ids (on any device),
+        this data-parallel rank's share; labels: the same shape, unshifted, -100 ignored (None: the inputs).
+
+        Returns device tensors, the mean over micro-batches and data-parallel ranks (reading them here would cut
+        the graph). Under pipeline parallelism NxD returns only the loss it trained on, so ``lm_loss`` holds the
+        weighted auxiliary loss too and ``aux_loss`` is zero.
         """
+        return self._run(batches, labels, train=True)
+
+    @torch.no_grad()
+    def eval_step(self, batches: torch.Tensor, labels: torch.Tensor | None = None) -> StepLosses:
+        """The losses of ``batches`` without gradients, as :meth:`train_step` returns them."""
+        return self._run(batches, labels, train=False)
+
+    def _run(self, batches: torch.Tensor, labels: torch.Tensor | None, train: bool) -> StepLosses:
+        if batches.ndim != 3 or batches.shape[0] != self.layout.microbatches:
+            raise ValueError(
+                f"expected [microbatches={self.layout.microbatches}, batch, seq] token ids, "
+                f"got shape {tuple(batches.shape)}"
+            )
+        labels = batches if labels is None else labels
+        device = self.device
+        self.model.train(train)
         if self.layout.pipeline_parallel > 1:
-            flat = batches.flatten(0, 1)
-            loss = self.model.run_train(input_ids=flat, labels=flat)
+            run = self.model.run_train if train else self.model.run_eval
+            loss = run(input_ids=batches.flatten(0, 1).to(device), labels=labels.flatten(0, 1).to(device))
+            losses = torch.stack([loss.detach().float().to(device), torch.zeros((), device=device)])
         else:
-            loss = None
-            for micro in batches:
-                micro_loss, _ = self.model(input_ids=micro, labels=micro)
-                (micro_loss / len(batches)).backward()
-                loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
-            loss = loss / len(batches)
-        self._sum_partial_gradients()
-        return loss
+            losses = torch.zeros(2, device=device)
+            count = len(batches)
+            # One transfer per micro-batch: each is a graph input of its own.
+            for micro, micro_labels in zip(batches, labels, strict=True):
+                loss, weighted_aux = self.model(input_ids=micro.to(device), labels=micro_labels.to(device))
+                if train:
+                    (loss / count).backward()
+                losses = losses + torch.stack([loss - weighted_aux, weighted_aux]).detach().float() / count
+            if self.layout.data_parallel > 1:
+                dist.all_reduce(losses, group=self.api.state.get_data_parallel_group())
+                losses = losses / self.layout.data_parallel
+        if train:
+            self._sum_partial_gradients()
+        return StepLosses(lm_loss=losses[0], aux_loss=losses[1])
+
+    def finite(self, losses: StepLosses) -> torch.Tensor:
+        """A device bool: the step's losses and every rank's gradients are finite, agreed by every rank.
+
+        Computed in the step's graph, so a step can drop its update without a host read: zero the gradients
+        where it is False before ``optimizer.step()`` (NxD reduces and clips them inside the step).
+        """
+        checks = [torch.isfinite(losses.lm_loss + losses.aux_loss)]
+        checks += [torch.isfinite(p.grad).all() for _, p in self.named_parameters() if p.grad is not None]
+        bad = (~torch.stack(checks).all()).float()
+        dist.all_reduce(bad)
+        return bad == 0
 
     def _sum_partial_gradients(self) -> None:
         """Sum over tensor-parallel ranks the gradients each rank computed only for its own heads: replicated
@@ -300,37 +362,35 @@ class NxDEngine:
                 dist.all_reduce(param.grad, group=group)
             sum_shared_rows(param.grad, spec, rank, size, group)
 
-    def save(self, folder: Path, tag: str, optimizer=None, scheduler=None, user_content: dict | None = None) -> None:
-        """NxD's checkpoint (per-rank files, ZeRO-1 shards) plus ``<tag>/layout.json`` recording the layout."""
+    def save(self, folder: Path, optimizer=None) -> None:
+        """Write checkpoint ``folder`` (collective): NxD's checkpoint under the tag ``nxd`` (per-rank files, ZeRO-1
+        shards, NxD's ``newest``) and ``layout.json`` recording the layout, written by global rank 0."""
         self.api.nxd.save_checkpoint(
-            str(folder),
-            tag,
-            model=self.model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            user_content=user_content,
-            zero1_optimizer=self.layout.zero1,
+            str(folder), NXD_TAG, model=self.model, optimizer=optimizer, zero1_optimizer=self.layout.zero1
         )
         if self.api.state.is_global_rank_zero():
-            (Path(folder) / tag / LAYOUT_FILE).write_text(json.dumps(describe_layout(self, "nxd"), indent=1))
+            (Path(folder) / LAYOUT_FILE).write_text(json.dumps(describe_layout(self, "nxd"), indent=1))
 
-    def load(self, folder: Path, tag: str, optimizer=None, scheduler=None):
-        """Restore a checkpoint written by :meth:`save` under the same tensor/pipeline split; returns user_content."""
-        path = Path(folder) / tag / LAYOUT_FILE
+    def load(self, folder: Path, optimizer=None) -> None:
+        """Restore what :meth:`save` wrote into ``folder``, under the same tensor/pipeline split."""
+        path = Path(folder) / LAYOUT_FILE
         if not path.is_file():
-            raise LayoutMismatchError(f"{path.parent} has no {LAYOUT_FILE}: it was not written by this engine")
-        saved = json.loads(path.read_text())["layout"]
-        saved = {k: saved[k] for k in ("tensor_parallel", "pipeline_parallel")}
+            raise LayoutMismatchError(f"{folder} has no {LAYOUT_FILE}: it was not written by this engine")
+        recorded = json.loads(path.read_text())
+        if recorded.get("engine") != "nxd":
+            raise LayoutMismatchError(
+                f"{folder} was written by the {recorded.get('engine')} engine, not NxD: start a new run folder from "
+                f"its weights with trainer.init_from={folder}"
+            )
+        saved = {k: recorded["layout"][k] for k in ("tensor_parallel", "pipeline_parallel")}
         if saved != self.layout.sharding():
             raise LayoutMismatchError(
-                f"{path.parent} was written with {saved} but this run uses {self.layout.sharding()}. NxD checkpoints "
+                f"{folder} was written with {saved} but this run uses {self.layout.sharding()}. NxD checkpoints "
                 "hold NxD's own per-rank files and ZeRO-1 shards, which no converter here rewrites: resume with "
                 f"parallel.tensor_parallel_size={saved['tensor_parallel']} "
                 f"parallel.pipeline_parallel_size={saved['pipeline_parallel']}"
             )
-        return self.api.nxd.load_checkpoint(
-            str(folder), tag=tag, model=self.model, optimizer=optimizer, scheduler=scheduler
-        )
+        self.api.nxd.load_checkpoint(str(folder), tag=NXD_TAG, model=self.model, optimizer=optimizer)
 
 
 def _model_name(name: str) -> str:

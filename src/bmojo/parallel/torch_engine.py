@@ -37,10 +37,11 @@ from bmojo.parallel.tensor_parallel import (
 
 @dataclass
 class StepLosses:
-    """Mean over the step's micro-batches and data-parallel ranks, the same on every rank."""
+    """Mean over the step's micro-batches and data-parallel ranks, the same on every rank: floats from this
+    engine, device tensors from the NxD engine (read at logging points only)."""
 
-    lm_loss: float
-    aux_loss: float  # weighted, as added to the loss
+    lm_loss: float | torch.Tensor
+    aux_loss: float | torch.Tensor  # weighted, as added to the loss
 
 
 def vocab_parallel_cross_entropy(
