@@ -219,7 +219,7 @@ def test_one_rank_engine_computes_the_models_loss_and_gradients(monkeypatch):
         out = reference(micro, labels=micro)
         (out.loss / 2).backward()
         expected_lm += float((out.loss - out.aux_loss).detach()) / 2
-        expected_aux += float(out.aux_loss) / 2
+        expected_aux += float(out.aux_loss.detach()) / 2
     assert abs(float(losses.lm_loss) - expected_lm) < 1e-5
     assert abs(float(losses.aux_loss) - expected_aux) < 1e-6 and expected_aux > 0
     assert fake.named("parallel_cross_entropy")

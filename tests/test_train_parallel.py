@@ -152,9 +152,16 @@ def test_several_processes_of_a_one_process_recipe_are_refused(root, monkeypatch
         train(compose_tiny(root, "twice", "parallel=single"))
 
 
-def test_a_parallel_trn1_recipe_says_the_trainer_runs_one_neuroncore(root):
-    with pytest.raises(ValueError, match=r"backend.engine=nxd.*not driven by the trainer"):
+def test_a_parallel_trn1_recipe_started_as_one_process_says_to_use_torchrun(root):
+    with pytest.raises(ValueError, match=r"needs at least 2 processes.*torchrun --standalone --nproc_per_node 2"):
         train(compose_tiny(root, "trn1", "backend=trn1", "parallel=tp"))
+
+
+def test_several_processes_on_xla_need_the_nxd_engine_and_nxd_needs_xla(root, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for overrides in (("backend=trn1", "backend.engine=torch"), ("backend=cpu", "backend.engine=nxd")):
+        with pytest.raises(ValueError, match=r"several processes train on trn1 through the NxD engine"):
+            train(compose_tiny(root, "mismatch", "parallel=tp", *overrides))
 
 
 @pytest.mark.distributed

@@ -330,3 +330,43 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         if parent:
             setattr(sys.modules[parent], child, sys.modules[name])
     return fake
+
+
+def install_torch_xla(monkeypatch, fake: FakeNxD, world_size: int, ordinal: int = 0) -> None:
+    """Stand in for the few ``torch_xla`` calls the trainer makes, recording them into ``fake``.
+
+    The device is the CPU; step closures run at the next ``sync`` (after the step's graph, as on XLA); the runtime
+    reports ``world_size`` processes and this one's ``ordinal``.
+    """
+    closures: list = []
+
+    def device():
+        fake.record("device")
+        return torch.device("cpu")
+
+    def sync():
+        fake.record("sync")
+        while closures:
+            function, args = closures.pop(0)
+            function(*args)
+
+    def add_step_closure(closure, args=(), run_async=False):
+        fake.record("add_step_closure")
+        closures.append((closure, args))
+
+    modules = {
+        "torch_xla": dict(device=device, sync=sync),
+        "torch_xla.core": {},
+        "torch_xla.core.xla_model": dict(add_step_closure=add_step_closure),
+        "torch_xla.debug": {},
+        "torch_xla.debug.metrics": dict(metric_data=lambda name: None, counter_names=lambda: []),
+        "torch_xla.runtime": dict(world_size=lambda: world_size, global_ordinal=lambda: ordinal),
+    }
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in modules:
+        parent, _, child = name.rpartition(".")
+        if parent:
+            monkeypatch.setattr(sys.modules[parent], child, sys.modules[name], raising=False)

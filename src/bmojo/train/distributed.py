@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,31 +42,34 @@ from bmojo.train.config import Device, Engine, RunConfig
 from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state
 from bmojo.train.export import export_model, generate_sample
 from bmojo.train.metrics import MetricsLog
-from bmojo.train.processes import is_one_process_recipe, launched_processes, processes_needed, runs_in_parallel
+from bmojo.train.processes import launched_processes, runs_in_parallel
 from bmojo.train.schedule import lr_multiplier
 from bmojo.train.trainer import Trainer, TrainSummary, build_model
 
 logger = logging.getLogger(__name__)
 
-NXD_NOT_IN_TRAINER = (
-    "bmojo-train runs a trn1 recipe (backend.engine=nxd) as one process on one NeuronCore; the NxD engine "
-    "(bmojo.parallel.NxDEngine) is not driven by the trainer. Start one process with parallel=single "
-    "(launch/torchrun.sh --nproc 1), or train on several CPU or GPU processes with backend=cpu or backend=gpu"
-)
-
 
 def select_trainer(config: RunConfig) -> type[Trainer]:
-    """The trainer for this recipe and launch: one process, one XLA device, or several processes."""
-    processes, parallel = launched_processes(), config.parallel
-    if config.backend.device == Device.xla or config.backend.engine == Engine.nxd:
-        if processes_needed(parallel) > 1 or (processes > 1 and not is_one_process_recipe(parallel)):
-            raise ValueError(NXD_NOT_IN_TRAINER)
-    if config.backend.device == Device.xla:
-        # Refuses several processes of a one-process recipe itself; torch-xla is imported only when asked for.
+    """The trainer for this recipe and launch: one process, one XLA device, or several processes (through the
+    PyTorch engine on CPUs and GPUs, the NxD engine on trn1)."""
+    backend = config.backend
+    parallel = runs_in_parallel(config.parallel, launched_processes())
+    if parallel and (backend.device == Device.xla) != (backend.engine == Engine.nxd):
+        raise ValueError(
+            f"backend.device={backend.device.value} with backend.engine={backend.engine.value}: several processes "
+            "train on trn1 through the NxD engine (backend=trn1 sets device xla and engine nxd) and on CPUs or "
+            "GPUs through the torch engine (backend=cpu or backend=gpu)"
+        )
+    # torch-xla and neuronx-distributed are imported only when asked for.
+    if parallel and backend.engine == Engine.nxd:
+        from bmojo.train.nxd import NxDTrainer
+
+        return NxDTrainer
+    if backend.device == Device.xla:
         from bmojo.train.xla import XlaTrainer
 
         return XlaTrainer
-    return ParallelTrainer if runs_in_parallel(config.parallel, processes) else Trainer
+    return ParallelTrainer if parallel else Trainer
 
 
 class _NoMetrics:
@@ -82,7 +86,12 @@ class _NoMetrics:
 
 
 class ParallelTrainer(Trainer):
-    """The :class:`Trainer` on several processes started by torchrun, through the PyTorch engine."""
+    """The :class:`Trainer` on several processes started by torchrun, through the engine of ``backend.engine``
+    (the PyTorch engine here; :class:`bmojo.train.nxd.NxDTrainer` drives the NxD engine on trn1)."""
+
+    # The group of the collectives on host values (objects, barriers, the stop flag): a gloo group, or None for the
+    # default group.
+    host_group = None
 
     def fit(self) -> TrainSummary:
         started_here = not dist.is_initialized()
@@ -96,14 +105,12 @@ class ParallelTrainer(Trainer):
     def _setup(self) -> None:
         cfg = self.config
         self.device = self._process_device()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.rank = dist.get_rank()
+        self.rank, world_size = self._start_processes()
         self.is_main = self.rank == 0
         # Hydra names its output folder after the start time, which may differ by a second between processes.
         self.run_dir = Path(self._from_main(str(self.run_dir)))
         self.checkpoint_root = self.run_dir / CHECKPOINTS
-        layout = layout_from_config(cfg.parallel, cfg.trainer.grad_accum_steps, dist.get_world_size())
+        layout = layout_from_config(cfg.parallel, cfg.trainer.grad_accum_steps, world_size)
         self.engine = build_engine(cfg.backend.engine.value, layout, self.device, cfg.trainer.max_grad_norm)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +134,7 @@ class ParallelTrainer(Trainer):
             )
         self.model_config = model.config
         parameters = sum(p.numel() for p in model.parameters())
-        self.model = self.engine.parallelize(model, self.data.seq_len)
+        self.model = self._parallelize(model)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.max_steps)
@@ -161,6 +168,16 @@ class ParallelTrainer(Trainer):
                 self.device.type,
             )
 
+    def _start_processes(self) -> tuple[int, int]:
+        """Join the processes' group; returns this process's rank and the number of processes."""
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+
+    def _parallelize(self, model: BmojoForCausalLM):
+        """This process's share of ``model`` through the engine."""
+        return self.engine.parallelize(model, self.data.seq_len)
+
     def _process_device(self) -> torch.device:
         """This process's device: its own GPU (torchrun's ``LOCAL_RANK``) on CUDA, else the CPU."""
         device = select_device(self.config.backend)
@@ -172,7 +189,7 @@ class ParallelTrainer(Trainer):
     def _from_main(self, value):
         """``value`` as process 0 has it, on every process."""
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
         return box[0]
 
     def _prepare_data(self, tokenizer: PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, PackedData]:
@@ -185,7 +202,7 @@ class ParallelTrainer(Trainer):
         if self.is_main:
             tokenizer, data = prepare_data(cfg.data, cfg.seed)
             tokenizer.save_pretrained(str(shared))
-        dist.barrier()
+        dist.barrier(group=self.host_group)
         if not self.is_main:
             tokenizer, data = prepare_data(cfg.data, cfg.seed, AutoTokenizer.from_pretrained(str(shared)))
         return tokenizer, data
@@ -199,7 +216,7 @@ class ParallelTrainer(Trainer):
         if self.is_main:
             self.checkpoint_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(temporary, ignore_errors=True)  # left by a run stopped while writing it
-        dist.barrier()
+        dist.barrier(group=self.host_group)
         self.engine.save(temporary, self.optimizer)
         if self.is_main:
             trainer_state = {
@@ -216,13 +233,13 @@ class ParallelTrainer(Trainer):
             (temporary / "config.yaml").write_text(self.config_yaml)
             self.tokenizer.save_pretrained(str(temporary / "tokenizer"))
             publish_checkpoint(temporary, final, self.config.trainer.keep_last)
-        dist.barrier()
+        dist.barrier(group=self.host_group)
         return final
 
     def _gathered(self, mine: dict) -> dict:
         """The union of every process's ``mine``."""
-        parts: list[dict | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+        parts: list[dict | None] = [None] * dist.get_world_size(self.host_group)
+        dist.all_gather_object(parts, mine, group=self.host_group)
         return {key: value for part in parts for key, value in part.items()}
 
     def _restore(self, folder: Path) -> None:
@@ -265,7 +282,15 @@ class ParallelTrainer(Trainer):
         Every evaluation step takes ``microbatches x data-parallel ranks x micro_batch_size`` blocks, so a
         held-out tail that fills no whole step is left out.
         """
-        data = data or self.data
+        total, steps = 0.0, 0
+        for blocks in self._eval_steps(data or self.data):
+            with autocast(self.device, self.config.trainer.precision):
+                total += self.engine.eval_step(blocks, self._labels(blocks)).lm_loss
+            steps += 1
+        return total / steps
+
+    def _eval_steps(self, data: PackedData) -> Iterator[torch.Tensor]:
+        """This process's share ``[microbatches, micro_batch_size, T]`` of each evaluation step's blocks."""
         layout, micro = self.engine.layout, self.config.trainer.micro_batch_size
         per_step = layout.microbatches * layout.data_parallel * micro
         steps = min(math.ceil(self.config.trainer.eval_batches / layout.microbatches), len(data.val) // per_step)
@@ -275,15 +300,11 @@ class ParallelTrainer(Trainer):
                 f"{micro} x accumulation {layout.microbatches} x data-parallel ranks {layout.data_parallel}); raise "
                 "data.val_fraction or lower trainer.micro_batch_size"
             )
-        total = 0.0
         for index in range(steps):
             ids = np.asarray(data.val[index * per_step : (index + 1) * per_step]["input_ids"])
             # [accumulation, rank, micro] as the training loader lays a step out
             blocks = torch.as_tensor(ids, dtype=torch.long).view(layout.microbatches, layout.data_parallel, micro, -1)
-            blocks = blocks[:, self.engine.dp_rank]
-            with autocast(self.device, self.config.trainer.precision):
-                total += self.engine.eval_step(blocks, self._labels(blocks)).lm_loss
-        return total / steps
+            yield blocks[:, self.engine.dp_rank]
 
     def _train_step(self) -> dict[str, float] | None:
         step_blocks = self.loader.next_step()
@@ -322,8 +343,10 @@ class ParallelTrainer(Trainer):
         """Stop every process once any has been signalled: a process leaving the loop alone would stall the rest."""
         if self._stop_signal is not None:
             return
-        signalled = torch.tensor([self._pending_signal is not None], dtype=torch.int32, device=self.device)
-        dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+        # On the default group the flag lives on the device (nccl reduces no CPU tensor); a host group is gloo.
+        device = self.device if self.host_group is None else torch.device("cpu")
+        signalled = torch.tensor([self._pending_signal is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(signalled, op=dist.ReduceOp.MAX, group=self.host_group)
         if signalled.item():
             self._stop_signal = self._pending_signal or "a signal to another process"
             self._report(f"{self._stop_signal}: finishing this step, saving a checkpoint and exiting")
@@ -343,5 +366,6 @@ class ParallelTrainer(Trainer):
                 summary.sample = generate_sample(
                     model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=self.config.seed
                 )
-        dist.barrier()  # the other processes wait, so that none closes the process group under process 0
+        # The other processes wait, so that none closes the process group under process 0.
+        dist.barrier(group=self.host_group)
         return summary

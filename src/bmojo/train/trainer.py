@@ -156,9 +156,18 @@ class Trainer:
             {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": optim.weight_decay},
             {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(
-            groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=self.device.type != "cpu"
+        return self._optimizer(
+            torch.optim.AdamW,
+            groups,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            foreach=self.device.type != "cpu",
         )
+
+    def _optimizer(self, optimizer_class: type[torch.optim.Optimizer], groups: list[dict], **defaults):
+        """The optimizer over ``groups`` (an engine that wraps its optimizer builds it instead)."""
+        return optimizer_class(groups, **defaults)
 
     def _restore(self, folder: Path) -> None:
         state = load_training_state(folder, self.model)

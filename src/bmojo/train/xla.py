@@ -43,13 +43,14 @@ def import_torch_xla() -> SimpleNamespace:
         import torch_xla
         import torch_xla.core.xla_model as xm
         import torch_xla.debug.metrics as metrics
+        import torch_xla.runtime as runtime
     except ImportError:
         raise DeviceError(
             "backend=trn1 (device xla) needs torch-xla, which is not installed here: on trn1 use the Neuron SDK "
             "environment of launch/ (or the Dockerfile); on CPU `make test-xla` builds one (PJRT_DEVICE=CPU); "
             "otherwise use backend=cpu or backend=gpu"
         ) from None
-    return SimpleNamespace(torch_xla=torch_xla, xm=xm, metrics=metrics)
+    return SimpleNamespace(torch_xla=torch_xla, xm=xm, metrics=metrics, runtime=runtime)
 
 
 def xla_device() -> torch.device:
@@ -199,6 +200,12 @@ class XlaTrainer(Trainer):
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += count * micro_batches[0].numel()
+        return self._end_step(lm_loss, aux_loss, grad_norm, finite, lr)
+
+    def _end_step(
+        self, lm_loss: torch.Tensor, aux_loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor, lr: float
+    ) -> dict[str, float] | None:
+        """Count a non-finite step on the device, ask for a read at logging steps and launch the step's graph."""
         skipped, in_a_row = self._counters()
         bad = (~finite).long()
         self._device_counters = (skipped + bad, (in_a_row + 1) * bad)
