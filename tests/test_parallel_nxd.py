@@ -17,6 +17,7 @@ from bmojo import BmojoConfig, BmojoForCausalLM  # noqa: E402
 from bmojo.model.modeling import BmojoBlock  # noqa: E402
 from bmojo.parallel import Layout, bmojo_plan  # noqa: E402
 from bmojo.parallel.checkpoint import LayoutMismatchError  # noqa: E402
+from bmojo.parallel.convert import full_model_state  # noqa: E402
 from bmojo.parallel.nxd_engine import INSTALL_HINT, NxDEngine  # noqa: E402
 from bmojo.parallel.plan import Output, Role  # noqa: E402
 
@@ -244,3 +245,5 @@ def test_checkpoint_records_the_layout_and_refuses_another(monkeypatch, tmp_path
     other.model = engine.model
     with pytest.raises(LayoutMismatchError, match="parallel.tensor_parallel_size=1"):
         other.load(folder)
+    with pytest.raises(LayoutMismatchError, match="neuronx-distributed's scripts/checkpoint_converter.py"):
+        full_model_state(folder)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bmojo.parallel.checkpoint import LAYOUT_FILE, shard_file
+from bmojo.parallel.checkpoint import LAYOUT_FILE, LayoutMismatchError, shard_file
 from bmojo.parallel.plan import ShardSpec, split_units
 
 
@@ -86,6 +86,11 @@ def _split(full: dict, recorded: dict, tensor_parallel: int, stage_of: dict[str,
 def _load(source: Path) -> tuple[dict, dict]:
     """The recorded layout of ``source`` and its tensors and optimizer states merged whole."""
     recorded = json.loads((source / LAYOUT_FILE).read_text())
+    if recorded["engine"] == "nxd":
+        raise LayoutMismatchError(
+            f"{source} holds NxD's own per-rank checkpoint (under nxd/), which this converter does not read; merge "
+            "its tensor-parallel shards with neuronx-distributed's scripts/checkpoint_converter.py on a Neuron host"
+        )
     old = recorded["layout"]
     payloads = {
         (tp_rank, stage): torch.load(shard_file(source, tp_rank, stage), weights_only=True)
