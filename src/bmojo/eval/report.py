@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from bmojo.eval.family import FAMILY, MEMBER_NAMES  # noqa: E402
 
@@ -83,8 +84,8 @@ def extrapolation_section(report: dict, figure: Path) -> str:
         base = by_length[train_len]
         rows.append([_name(run["member"])] + [f"{by_length[n]:.2f} ({by_length[n] / base:.3f})" for n in lengths])
         axis.plot(lengths, [by_length[n] for n in lengths], marker="o", label=_name(run["member"]))
-    axis.set(xscale="log", yscale="log", xlabel="context length", ylabel="perplexity")
-    axis.set_xticks(lengths, [str(n) for n in lengths])
+    axis.set(xscale="log", xlabel="context length", ylabel="perplexity")
+    _label_ticks(axis, lengths)
     axis.axvline(train_len, color="grey", linestyle=":", linewidth=1)
     axis.set_title(f"held-out perplexity, trained at {train_len}")
     axis.legend(fontsize=8)
@@ -109,6 +110,7 @@ def throughput_section(report: dict, figure: Path) -> str:
     for member in _order(series):
         axis.plot(*zip(*series[member], strict=True), marker="o", label=_name(member))
     axis.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="training tokens/s")
+    _label_ticks(axis, [result["seq_len"] for result in report["results"]])
     axis.set_title("training step (forward + backward + AdamW)")
     axis.legend(fontsize=8)
     _save(fig, figure)
@@ -141,6 +143,7 @@ def decode_section(report: dict, figure: Path) -> str:
     for member in _order(series):
         axis.plot(*zip(*series[member], strict=True), marker="o", label=_name(member))
     axis.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decoded token")
+    _label_ticks(axis, [result["context"] for result in report["results"]])
     axis.set_title("decoding one token from the cache")
     axis.legend(fontsize=8)
     _save(fig, figure)
@@ -155,6 +158,12 @@ SECTIONS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
     "throughput": ("Training throughput", throughput_section),
     "decode": ("Decoding", decode_section),
 }
+
+
+def _label_ticks(axis, values: list[int]) -> None:
+    """Label a log x axis at the measured values only."""
+    axis.set_xticks(values, [str(v) for v in values])
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _save(fig, path: Path) -> None:
