@@ -42,7 +42,7 @@ from bmojo.train.config import Device, Engine, RunConfig
 from bmojo.train.device import autocast, rng_state, seed_everything, select_device, set_rng_state
 from bmojo.train.export import export_model, generate_sample
 from bmojo.train.metrics import MetricsLog
-from bmojo.train.processes import launched_processes, runs_in_parallel
+from bmojo.train.processes import is_one_process_recipe, launched_processes, runs_in_parallel
 from bmojo.train.schedule import lr_multiplier
 from bmojo.train.trainer import Trainer, TrainSummary, build_model
 
@@ -52,15 +52,17 @@ logger = logging.getLogger(__name__)
 def select_trainer(config: RunConfig) -> type[Trainer]:
     """The trainer for this recipe and launch: one process, one XLA device, or several processes (through the
     PyTorch engine on CPUs and GPUs, the NxD engine on trn1)."""
+    # torch-xla and neuronx-distributed are imported only when asked for.
     backend = config.backend
-    parallel = runs_in_parallel(config.parallel, launched_processes())
+    parallel = backend.device != Device.xla or not is_one_process_recipe(config.parallel)
+    # The XLA trainer refuses several processes of a one-process recipe itself, with the trn1 launcher's option.
+    parallel = parallel and runs_in_parallel(config.parallel, launched_processes())
     if parallel and (backend.device == Device.xla) != (backend.engine == Engine.nxd):
         raise ValueError(
             f"backend.device={backend.device.value} with backend.engine={backend.engine.value}: several processes "
             "train on trn1 through the NxD engine (backend=trn1 sets device xla and engine nxd) and on CPUs or "
             "GPUs through the torch engine (backend=cpu or backend=gpu)"
         )
-    # torch-xla and neuronx-distributed are imported only when asked for.
     if parallel and backend.engine == Engine.nxd:
         from bmojo.train.nxd import NxDTrainer
 
