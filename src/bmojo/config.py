@@ -163,9 +163,7 @@ class BmojoConfig(PretrainedConfig):
             if self.memory_block < 1:
                 fail("memory_block", f"must be >= 1, got {self.memory_block}")
             if not 1 <= self.memory_topk <= self.memory_block:
-                fail(
-                    "memory_topk", f"must be in [1, memory_block={self.memory_block}], got {self.memory_topk}"
-                )
+                fail("memory_topk", f"must be in [1, memory_block={self.memory_block}], got {self.memory_topk}")
             if self.memory_threshold < 0:
                 fail(
                     "memory_threshold",
