@@ -66,6 +66,17 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
     return {"seq_len": seq_len, "batch": batch, "members": rows}
 
 
+def profile_step(args: argparse.Namespace, seq_len: int) -> None:
+    """Print where one training step of ``args.profile`` spends its time, operator by operator."""
+    config = family_configs((args.profile,), **size_fields(args))[args.profile]
+    step = make_step(BmojoForCausalLM(config).train(), max(1, args.tokens // seq_len), seq_len, config.vocab_size)
+    step()
+    with torch.profiler.profile() as profiler:
+        step()
+    print(f"\n{args.profile} at T={seq_len}:")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def print_table(results: list[dict]) -> None:
     header = f"{'T':>6} {'member':<7} {'params':>9} {'step ms':>9} {'tokens/s':>9} {'vs A':>6} {'vs W':>6}"
     print(header)
@@ -87,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / T)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--profile", choices=FAMILY, help="also print the top operators of one step of this member")
     add_size_arguments(parser)
     return parser.parse_args(argv)
 
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     for seq_len in args.seq_lens:
         results.append(bench_length(args, seq_len))
         print_table(results[-1:])
+        if args.profile:
+            profile_step(args, seq_len)
     report = {
         "bench": "throughput",
         "torch_version": torch.__version__,
