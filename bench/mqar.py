@@ -28,13 +28,14 @@ from bmojo.eval.mqar import evaluate_mqar
 from bmojo.train import load_model_and_tokenizer, recipes_dir, register_configs, train
 
 
-def point_name(member: str, filler: str, pairs: int, memory_size: int | None) -> str:
-    return f"{member}_{filler}_K{pairs}" + (f"_M{memory_size}" if memory_size is not None else "")
+def point_name(member: str, filler: str, pairs: int, memory_size: int | None, tag: str = "") -> str:
+    memory = f"_M{memory_size}" if memory_size is not None else ""
+    return f"{member}_{filler}{'_' + tag if tag else ''}_K{pairs}{memory}"
 
 
 def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, memory_size: int | None) -> dict:
     """Train one member at one grid point (``memory_size`` None: the member has no eidetic memory)."""
-    run_dir = args.runs / point_name(member, filler, pairs, memory_size)
+    run_dir = args.runs / point_name(member, filler, pairs, memory_size, args.tag)
     overrides = [
         f"experiment=mqar_{member}",
         f"data.mqar.filler={filler}",
@@ -59,6 +60,7 @@ def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, me
     return {
         "member": member,
         "filler": filler,
+        "variant": args.tag,
         "num_pairs": pairs,
         "num_values": data.mqar.num_values,
         "memory_size": memory_size,
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, nargs="+", default=[8], help="K values")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[24], help="M values (B'MOJO only)")
     parser.add_argument("--override", nargs="*", default=[], help="extra recipe overrides for every run")
+    parser.add_argument("--tag", default="", help="names a variant made by --override (in run names and results)")
     parser.add_argument("--test-examples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of each run")
     parser.add_argument("--runs", type=Path, default=Path("runs/mqar_sweep"), help="one folder and JSON per point")
@@ -115,14 +118,14 @@ def main(argv: list[str] | None = None) -> None:
             for member in args.members:
                 # Only B'MOJO has an eidetic memory; the other members run once per (filler, K).
                 for memory_size in args.memory_sizes if member == "B" else [None]:
-                    result_path = args.runs / f"{point_name(member, filler, pairs, memory_size)}.json"
+                    name = point_name(member, filler, pairs, memory_size, args.tag)
+                    result_path = args.runs / f"{name}.json"
                     if result_path.exists():
                         continue
                     result = run_point(args, member, filler, pairs, memory_size)
                     result_path.write_text(json.dumps(result, indent=1))
                     print(
-                        f"{point_name(member, filler, pairs, memory_size):<24} accuracy {result['accuracy']:.3f} "
-                        f"({result['train_s'] / 60:.1f} min)",
+                        f"{name:<28} accuracy {result['accuracy']:.3f} ({result['train_s'] / 60:.1f} min)",
                         flush=True,
                     )
                     gather(args)

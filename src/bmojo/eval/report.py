@@ -37,38 +37,48 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _setting(run: dict) -> str:
+    """The filler of an MQAR run, with the variant its sweep was tagged with."""
+    return run["filler"] + (f" ({run['variant']})" if run.get("variant") else "")
+
+
 def mqar_section(report: dict, figure: Path) -> str:
-    """Accuracy per member, filler and number of pairs K (memory size M beside it)."""
+    """Accuracy per member, filler and number of pairs K; B'MOJO once per memory size M."""
     runs = report["runs"]
-    fillers = sorted({run["filler"] for run in runs}, key=lambda f: f != "periodic")
+    settings = sorted({_setting(run) for run in runs}, key=lambda f: (not f.startswith("periodic"), f))
     rows = []
+    order = _order(FAMILY)
     for run in sorted(
-        runs, key=lambda r: (fillers.index(r["filler"]), _order(FAMILY).index(r["member"]), r["num_pairs"])
+        runs,
+        key=lambda r: (settings.index(_setting(r)), order.index(r["member"]), r["num_pairs"], r["memory_size"] or 0),
     ):
         memory = ", ".join(f"{share:.2f}" for share in run.get("value_in_memory", [])) or "-"
         rows.append(
-            [_name(run["member"]), run["filler"], str(run["num_pairs"]), str(run.get("memory_size") or "-"),
+            [_name(run["member"]), _setting(run), str(run["num_pairs"]), str(run.get("memory_size") or "-"),
              f"{run['accuracy']:.3f}", memory, f"{run['parameters']:,}", f"{run['train_s'] / 60:.1f}"]
         )  # fmt: skip
-    fig, axes = plt.subplots(1, len(fillers), figsize=(5.5 * len(fillers), 4), squeeze=False)
-    for axis, filler in zip(axes[0], fillers, strict=True):
-        for member in _order({run["member"] for run in runs}):
-            mine = sorted(
-                (r["num_pairs"], r["accuracy"]) for r in runs if r["member"] == member and r["filler"] == filler
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        mine = [r for r in runs if _setting(r) == setting]
+        lines = sorted(
+            {(r["member"], r.get("memory_size")) for r in mine}, key=lambda m: (order.index(m[0]), m[1] or 0)
+        )
+        for member, memory_size in lines:
+            points = sorted(
+                (r["num_pairs"], r["accuracy"])
+                for r in mine
+                if (r["member"], r.get("memory_size")) == (member, memory_size)
             )
-            if mine:
-                axis.plot(*zip(*mine, strict=True), marker="o", label=_name(member))
-        memory_sizes = {r.get("memory_size") for r in runs if r["member"] == "B" and r["filler"] == filler}
-        for size in sorted(s for s in memory_sizes if s):
-            axis.axvline(size / 3, color="grey", linestyle=":", linewidth=1)
-        axis.set(title=f"MQAR, {filler} filler", xlabel="key-value pairs K", ylabel="accuracy", ylim=(-0.02, 1.02))
-    axes[0][0].legend(fontsize=8)
+            label = _name(member) + (f", M={memory_size}" if memory_size else "")
+            axis.plot(*zip(*points, strict=True), marker="o", label=label)
+        axis.set(title=f"MQAR, {setting} filler", xlabel="key-value pairs K", ylabel="accuracy", ylim=(-0.02, 1.02))
+        axis.legend(fontsize=7)
     _save(fig, figure)
     chance = report.get("chance")
     note = f"Chance is {chance:.3f} (one of the values). " if chance else ""
     return (
-        f"{note}Dotted line: K = M/3, the most pairs an eidetic memory of M entries holds together with the "
-        "query keys. `value in memory`: per B layer, the share of queries whose value the memory held.\n\n"
+        f"{note}M: B'MOJO's memory size (entries). `value in memory`: per B layer, the share of queries whose "
+        "value the memory held when the key was queried.\n\n"
         + _table(["member", "filler", "K", "M", "accuracy", "value in memory", "parameters", "train min"], rows)
     )
 
