@@ -49,6 +49,7 @@ def results(tmp_path: Path) -> list[Path]:
     decode = {
         "bench": "decode",
         "threads": 2,
+        "model": {"hidden_size": 128, "num_hidden_layers": 2, "window_size": 256, "memory_size": 64},
         "decoded_tokens": 16,
         "results": [
             {"context": n, "members": {"A": {"ms_per_token": ms, "vs_A": 1.0, "cache_bytes": 1024 * n}}}
@@ -70,6 +71,15 @@ def test_report_has_a_table_and_a_plot_per_benchmark(results, tmp_path):
     for name in ["mqar", "extrapolation", "throughput", "decode"]:
         assert f"]({name}.png)" in markdown
         assert (tmp_path / "out" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_benchmark_given_twice_gets_a_section_per_file(results, tmp_path):
+    wider = json.loads(results[3].read_text())
+    wider["model"]["hidden_size"] = 256
+    second = write(tmp_path / "decode_h256.json", wider)
+    markdown = build_report([results[3], second], tmp_path / "out").read_text()
+    assert "## Decoding (decode)" in markdown and "## Decoding (decode_h256)" in markdown
+    assert "Hidden 256, 2 layers" in markdown and (tmp_path / "out" / "decode_h256.png").is_file()
 
 
 def test_only_the_benchmarks_given_appear(results, tmp_path):

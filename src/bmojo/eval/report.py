@@ -157,9 +157,12 @@ def decode_section(report: dict, figure: Path) -> str:
     axis.set_title("decoding one token from the cache")
     axis.legend(fontsize=8)
     _save(fig, figure)
-    return f"{report['threads']} threads; median of {report['decoded_tokens']} tokens.\n\n" + _table(
-        ["context", "member", "ms/token", "vs A", "cache KiB"], rows
+    model = report["model"]
+    described = (
+        f"Hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, window {model['window_size']}, "
+        f"memory {model['memory_size']}; {report['threads']} threads; median of {report['decoded_tokens']} tokens."
     )
+    return f"{described}\n\n" + _table(["context", "member", "ms/token", "vs A", "cache KiB"], rows)
 
 
 SECTIONS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
@@ -183,20 +186,26 @@ def _save(fig, path: Path) -> None:
 
 
 def build_report(paths: list[Path], out_dir: Path) -> Path:
-    """Write ``out_dir/report.md`` and one PNG per benchmark; returns the markdown's path."""
+    """Write ``out_dir/report.md`` and one PNG per JSON file (named after it); returns the markdown's path.
+
+    Sections follow the order of :data:`SECTIONS`; a benchmark given twice (say, at two model sizes) gets a
+    section per file, titled with the file's name.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    reports = {}
+    loaded = []
     for path in paths:
         report = json.loads(path.read_text())
         kind = report.get("bench")
         if kind not in SECTIONS:
             raise ValueError(f"{path}: unknown benchmark {kind!r}; expected one of {', '.join(SECTIONS)}")
-        reports[kind] = report
+        loaded.append((kind, path, report))
     parts = ["# B'MOJO family: evaluation report\n"]
     for kind, (title, section) in SECTIONS.items():
-        if kind in reports:
-            figure = out_dir / f"{kind}.png"
-            parts.append(f"## {title}\n\n{section(reports[kind], figure)}\n\n![{title}]({figure.name})\n")
+        mine = [(path, report) for k, path, report in loaded if k == kind]
+        for path, report in mine:
+            heading = f"{title} ({path.stem})" if len(mine) > 1 else title
+            figure = out_dir / f"{path.stem}.png"
+            parts.append(f"## {heading}\n\n{section(report, figure)}\n\n![{heading}]({figure.name})\n")
     markdown = out_dir / "report.md"
     markdown.write_text("\n".join(parts))
     return markdown
