@@ -43,37 +43,22 @@ def _setting(run: dict) -> str:
 
 
 def mqar_section(report: dict, figure: Path) -> str:
-    """Accuracy per member, filler and number of pairs K; B'MOJO once per memory size M."""
+    """A row per run; plots of accuracy against K and against M, and of every member at the common K."""
     runs = report["runs"]
     settings = sorted({_setting(run) for run in runs}, key=lambda f: (not f.startswith("periodic"), f))
-    rows = []
     order = _order(FAMILY)
-    for run in sorted(
-        runs,
-        key=lambda r: (settings.index(_setting(r)), order.index(r["member"]), r["num_pairs"], r["memory_size"] or 0),
-    ):
+
+    def rank(run: dict) -> tuple:
+        return settings.index(_setting(run)), order.index(run["member"]), run["num_pairs"], run["memory_size"] or 0
+
+    rows = []
+    for run in sorted(runs, key=rank):
         memory = ", ".join(f"{share:.2f}" for share in run.get("value_in_memory", [])) or "-"
         rows.append(
             [_name(run["member"]), _setting(run), str(run["num_pairs"]), str(run.get("memory_size") or "-"),
              f"{run['accuracy']:.3f}", memory, f"{run['parameters']:,}", f"{run['train_s'] / 60:.1f}"]
         )  # fmt: skip
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
-    for axis, setting in zip(axes[0], settings, strict=True):
-        mine = [r for r in runs if _setting(r) == setting]
-        lines = sorted(
-            {(r["member"], r.get("memory_size")) for r in mine}, key=lambda m: (order.index(m[0]), m[1] or 0)
-        )
-        for member, memory_size in lines:
-            points = sorted(
-                (r["num_pairs"], r["accuracy"])
-                for r in mine
-                if (r["member"], r.get("memory_size")) == (member, memory_size)
-            )
-            label = _name(member) + (f", M={memory_size}" if memory_size else "")
-            axis.plot(*zip(*points, strict=True), marker="o", label=label)
-        axis.set(title=f"MQAR, {setting} filler", xlabel="key-value pairs K", ylabel="accuracy", ylim=(-0.02, 1.02))
-        axis.legend(fontsize=7)
-    _save(fig, figure)
+    _mqar_figure(runs, settings, order, figure)
     chance = report.get("chance")
     note = f"Chance is {chance:.3f} (one of the values). " if chance else ""
     return (
@@ -81,6 +66,52 @@ def mqar_section(report: dict, figure: Path) -> str:
         "value the memory held when the key was queried.\n\n"
         + _table(["member", "filler", "K", "M", "accuracy", "value in memory", "parameters", "train min"], rows)
     )
+
+
+def _mqar_figure(runs: list[dict], settings: list[str], order: list[str], figure: Path) -> None:
+    """Left: accuracy against K (one line per member and M); middle: B'MOJO against M (one line per K), the
+    dotted lines at M = 3K; right: every member at the most common K, one group of bars per filler."""
+    fig, (by_pairs, by_memory, by_member) = plt.subplots(1, 3, figsize=(16, 4))
+    main = [r for r in runs if _setting(r) == settings[0]]
+    for member, memory_size in sorted(
+        {(r["member"], r["memory_size"]) for r in main}, key=lambda m: (order.index(m[0]), m[1] or 0)
+    ):
+        points = sorted(
+            (r["num_pairs"], r["accuracy"]) for r in main if (r["member"], r["memory_size"]) == (member, memory_size)
+        )
+        by_pairs.plot(
+            *zip(*points, strict=True), marker="o", label=_name(member) + (f", M={memory_size}" if memory_size else "")
+        )
+    by_pairs.set_xticks(sorted({r["num_pairs"] for r in main}))
+    by_pairs.set(title=f"accuracy against K ({settings[0]} filler)", xlabel="key-value pairs K", ylabel="accuracy")
+    by_pairs.legend(fontsize=7)
+    memory_runs = [r for r in main if r["memory_size"]]
+    for pairs in sorted({r["num_pairs"] for r in memory_runs}):
+        points = sorted((r["memory_size"], r["accuracy"]) for r in memory_runs if r["num_pairs"] == pairs)
+        (line,) = by_memory.plot(*zip(*points, strict=True), marker="o", label=f"K={pairs}")
+        by_memory.axvline(3 * pairs, color=line.get_color(), linestyle=":", linewidth=1)
+    by_memory.set_xticks(sorted({r["memory_size"] for r in memory_runs}))
+    by_memory.set(title="B'MOJO against its memory size (dotted: M = 3K)", xlabel="memory size M", ylabel="accuracy")
+    by_memory.legend(fontsize=7)
+    common = max({r["num_pairs"] for r in runs}, key=lambda k: sum(r["num_pairs"] == k for r in runs))
+    members = [m for m in order if any(r["member"] == m for r in runs)]
+    width = 0.8 / len(settings)
+    for index, setting in enumerate(settings):
+        accuracy = {
+            r["member"]: r["accuracy"]
+            for r in runs
+            if _setting(r) == setting
+            and r["num_pairs"] == common
+            and r["memory_size"] in (None, max(x["memory_size"] or 0 for x in runs))
+        }
+        positions = [i + index * width for i, m in enumerate(members) if m in accuracy]
+        by_member.bar(positions, [accuracy[m] for m in members if m in accuracy], width, label=setting)
+    by_member.set_xticks([i + 0.4 - width / 2 for i in range(len(members))], members)
+    by_member.set(title=f"every member at K={common}", ylabel="accuracy")
+    by_member.legend(fontsize=7)
+    for axis in (by_pairs, by_memory, by_member):
+        axis.set_ylim(-0.02, 1.02)
+    _save(fig, figure)
 
 
 def extrapolation_section(report: dict, figure: Path) -> str:
