@@ -17,18 +17,19 @@ MAX_QUERY_BLOCK = 64
 
 
 def exp_scores_and_lse(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unnormalised masked softmax that tolerates rows with no visible key; overwrites ``scores``.
+    """Unnormalised masked softmax that tolerates rows with no visible key.
 
     scores: [..., L] fp32; visible: bool, broadcastable to scores → (exp_scores [..., L], denominator [..., 1],
     lse [...]) with softmax = exp_scores / denominator. A row with no visible key gets exp_scores 0,
     denominator 1 and lse -inf, with finite gradients. Dividing after the value matmul touches D numbers per
-    query instead of L, and working in place saves passes over the largest tensor.
+    query instead of L. The ops are out of place: ``scores`` is a view, and in-place ops on it made autograd
+    copy the whole score tensor in the backward pass.
     """
-    scores.masked_fill_(~visible, float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     # The shift cancels in softmax and lse, so it takes no gradient; empty rows shift by 0 instead of -inf.
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    exp_scores = scores.sub_(row_max).exp_()
+    exp_scores = (scores - row_max).exp()
     denominator = exp_scores.sum(dim=-1, keepdim=True)
     empty = denominator == 0
     # where() keeps log(0) and x/0 out of the graph, so empty rows back-propagate zeros, not NaN.
