@@ -17,29 +17,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bmojo.eval.family import FAMILY, parameter_count
+from bmojo.eval.family import FAMILY, compose_bench_run, parameter_count
 from bmojo.eval.perplexity import heldout_perplexity
-from bmojo.train import load_model_and_tokenizer, recipes_dir, register_configs, train
+from bmojo.train import load_model_and_tokenizer, register_configs, train
 from bmojo.train.checkpoint import latest_checkpoint
 
 
 def run_member(args: argparse.Namespace, member: str) -> dict:
     run_dir = args.runs / member
-    overrides = [
-        f"experiment=extrapolation_{member}",
-        f"run_dir={run_dir}",
-        "trainer.progress_bar=false",
-        "trainer.tensorboard=false",
-        "trainer.export_at_end=false",
-        *args.override,
-    ]
-    if args.threads is not None:
-        overrides.append(f"backend.num_threads={args.threads}")
-    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
-        config = OmegaConf.to_object(compose("config", overrides=overrides))
+    overrides = [f"experiment=extrapolation_{member}", *args.override]
+    config = OmegaConf.to_object(compose_bench_run(overrides, run_dir, args.threads))
     started = time.perf_counter()
     if latest_checkpoint(run_dir / "checkpoints") is None or args.retrain:
         train(config, run_dir)

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bmojo.eval.family import FAMILY, parameter_count
+from bmojo.eval.family import FAMILY, compose_bench_run, parameter_count
 from bmojo.eval.mqar import evaluate_mqar
-from bmojo.train import load_model_and_tokenizer, recipes_dir, register_configs, train
+from bmojo.train import load_model_and_tokenizer, register_configs, train
 
 
 def point_name(member: str, filler: str, pairs: int, memory_size: int | None, tag: str = "") -> str:
@@ -41,16 +40,9 @@ def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, me
         f"data.mqar.filler={filler}",
         f"data.mqar.num_pairs={pairs}",
         *([f"model.memory_size={memory_size}"] if memory_size is not None else []),
-        f"run_dir={run_dir}",
-        "trainer.progress_bar=false",
-        "trainer.tensorboard=false",
-        "trainer.export_at_end=false",
         *args.override,
     ]
-    if args.threads is not None:
-        overrides.append(f"backend.num_threads={args.threads}")
-    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
-        config = compose("config", overrides=overrides)
+    config = compose_bench_run(overrides, run_dir, args.threads)
     started = time.perf_counter()
     summary = train(config, run_dir)
     train_s = time.perf_counter() - started
