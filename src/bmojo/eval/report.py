@@ -15,7 +15,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ImportError as error:
+    raise ImportError("bmojo-report draws its plots with matplotlib: pip install -e '.[eval]'") from error
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
