@@ -1,4 +1,4 @@
-"""bmojo_attention: the blockwise torch backend against the dense naive reference, and the reference itself
+"""bmojo_attention: the fused torch backend against the dense naive reference, and the reference itself
 against a per-query key list built by hand from the visibility rules."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bmojo.ops.attention import bmojo_attention
-from bmojo.ops.attention_blockwise import exp_scores_and_lse, merge_attention_by_lse
 
 FLOAT_INPUTS = ("q", "k", "v", "fading_k", "fading_v", "mem_k", "mem_v")
 
@@ -82,6 +81,10 @@ CASES = {
     "fading_memory_qe13": dict(slots=3, mem_block=13, window=5),
     "window_at_least_T": dict(window=40, slots=5, mem_block=16),
     "window_equals_T_minus_1": dict(window=36, slots=5, mem_block=16),
+    # A query block of 16 straddles up to four memory blocks of 5.
+    "query_block_spans_memory_rows": dict(window=16, slots=3, mem_block=5),
+    # Full query blocks of 64 with a padded last one (T = 150), memory blocks of 64.
+    "blocks_of_64_padded": dict(length=150, window=70, slots=4, mem_block=64),
 }
 
 
@@ -158,35 +161,6 @@ def test_naive_matches_hand_built_key_list() -> None:
         weights = [math.exp(logit - top) for logit in logits]
         expected = sum(w * value.double() for w, value in zip(weights, values, strict=True)) / sum(weights)
         torch.testing.assert_close(out[batch, t, head].double(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_merge_by_lse_equals_softmax_over_union() -> None:
-    generator = torch.Generator().manual_seed(3)
-    scores = torch.randn(2, 5, 3, 12, generator=generator, dtype=torch.float64)  # [B, T, H, L]
-    values = torch.randn(2, 5, 3, 12, 4, generator=generator, dtype=torch.float64)  # one value per key
-    in_first = torch.rand(2, 5, 3, 12, generator=generator) < 0.5
-    in_first[0, 0] = True  # query (0, 0) has an empty second set; (0, 1) an empty first set
-    in_first[0, 1] = False
-    parts = []
-    for visible in (in_first, ~in_first):
-        exp_scores, denominator, lse = exp_scores_and_lse(scores.clone(), visible)
-        parts.append(((exp_scores.unsqueeze(-1) * values).sum(-2) / denominator, lse))
-    merged, merged_lse = merge_attention_by_lse([o for o, _ in parts], [lse for _, lse in parts])
-    expected = (torch.softmax(scores, -1).unsqueeze(-1) * values).sum(-2)
-    torch.testing.assert_close(merged, expected)
-    torch.testing.assert_close(merged_lse, torch.logsumexp(scores, -1))
-    assert parts[1][1][0, 0].eq(float("-inf")).all() and parts[0][1][0, 1].eq(float("-inf")).all()
-
-
-def test_empty_key_sets_give_finite_gradients() -> None:
-    scores = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    visible = torch.tensor([[True] * 6, [False] * 6, [True, False] * 3])
-    exp_scores, denominator, lse = exp_scores_and_lse(scores * 1.0, visible)
-    probs = exp_scores / denominator
-    assert torch.equal(probs[1], torch.zeros(6, dtype=torch.float64)) and lse[1] == float("-inf")
-    torch.testing.assert_close(probs[0], torch.softmax(scores[0], -1))
-    (probs.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
-    assert torch.isfinite(scores.grad).all() and torch.equal(scores.grad[1], torch.zeros(6, dtype=torch.float64))
 
 
 def test_auto_backend_matches_explicit_torch() -> None:

@@ -167,11 +167,6 @@ def test_too_many_non_finite_steps_in_a_row_on_xla_stop_the_run(run, monkeypatch
         run("M_diverged", *SSM, *ON_XLA, "trainer.max_nonfinite_in_a_row=3")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="banded attention's Tensor.unfold (src/bmojo/ops/attention_blockwise.py) runs on the host in torch-xla "
-    "2.9 (aten::unfold_copy / unfold_backward), a device round trip inside every step of W, F and B layers",
-)
 def test_a_step_of_a_bmojo_layer_runs_entirely_on_the_device(run):
     xla_metrics.clear_counters()
     run("B_device_only", *PATTERNS["B"], *ON_XLA, "trainer.max_steps=1")

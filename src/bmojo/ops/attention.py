@@ -7,8 +7,8 @@ Queries and keys sit at positions ``0..T-1``. Query ``t`` sees
   behind its local window (``mem_pos[c, m] < t-w+1``; needs ``window``).
 
 Every query sees at least itself, so no softmax row is empty, but a query may have no fading or no memory
-keys at all. Backends: ``naive`` (one dense masked softmax, defined here) and ``torch`` (blockwise calls
-merged by their log-sum-exps, in :mod:`bmojo.ops.attention_blockwise`).
+keys at all. Backends: ``naive`` (one dense masked softmax, defined here) and ``torch`` (one fused
+attention call over query blocks, in :mod:`bmojo.ops.attention_blockwise`).
 """
 
 from __future__ import annotations
