@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bmojo.config import BmojoConfig
@@ -195,18 +196,13 @@ def attend_one(q: torch.Tensor, key_sets: list[tuple[torch.Tensor, torch.Tensor,
     q: [B, 1, Hq, Dh]; each key set is (keys [B, L, Hkv, Dh], values [B, L, Hkv, Dh], visible [B, L] or None
     for all visible). Returns [B, 1, Hq, Dh] in q's dtype.
     """
-    keys = torch.cat([k for k, _, _ in key_sets], dim=1).float()
-    values = torch.cat([v for _, v, _ in key_sets], dim=1).float()
-    visible = torch.cat(
-        [
-            torch.ones(k.shape[:2], dtype=torch.bool, device=k.device) if mask is None else mask
-            for k, _, mask in key_sets
-        ],
-        dim=1,
+    keys = torch.cat([k for k, _, _ in key_sets], dim=1)
+    values = torch.cat([v for _, v, _ in key_sets], dim=1)
+    visible = None
+    if any(mask is not None for _, _, mask in key_sets):
+        masks = [k.new_ones(k.shape[:2], dtype=torch.bool) if m is None else m for k, _, m in key_sets]
+        visible = torch.cat(masks, dim=1)[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible, enable_gqa=True
     )
-    group = q.shape[2] // keys.shape[2]
-    keys, values = keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), values)
-    return out.to(q.dtype)
+    return out.transpose(1, 2)
