@@ -68,10 +68,10 @@ class Mamba2Mixer(nn.Module):
         if state is None:
             state = self.empty_state(batch, h.device, h.dtype)
         # Prepending the previous K-1 conv inputs makes the conv causal and continuous across calls.
-        conv_in = torch.cat([state.conv.to(xbc.dtype), xbc.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.conv_kernel - 1) :]
-        xbc = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        x, b, c = xbc.transpose(1, 2).split(
+        conv_in = torch.cat([state.conv.transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # [B, K-1+T, C]
+        new_conv = conv_in[:, conv_in.shape[1] - (self.conv_kernel - 1) :].transpose(1, 2).contiguous()
+        xbc = F.silu(self._causal_conv(conv_in))
+        x, b, c = xbc.split(
             [self.inner_size, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
         )
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())
@@ -87,3 +87,14 @@ class Mamba2Mixer(nn.Module):
         )
         s = self.out_proj(self.norm(y.flatten(-2).to(h.dtype), z))
         return s, SSMState(conv=new_conv, ssm=final)
+
+    def _causal_conv(self, conv_in: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C].
+
+        Run as a 2-D conv on the channels-last view [B, C, 1, K-1+T] of the [B, time, C] layout: no transposed
+        copies, and the CPU backward of a channels-last depthwise conv is far cheaper than of a [B, C, T] one,
+        except for the bias gradient, which is why the bias is added apart.
+        """
+        weight = self.conv1d.weight.unsqueeze(2)  # [C, 1, 1, K]
+        out = F.conv2d(conv_in.transpose(1, 2).unsqueeze(2), weight, groups=self.conv_dim)
+        return out.squeeze(2).transpose(1, 2) + self.conv1d.bias.to(out.dtype)
