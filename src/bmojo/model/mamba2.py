@@ -67,6 +67,9 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt_raw = self.in_proj(h).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
         if state is None:
             state = self.empty_state(batch, h.device, h.dtype)
+        if length == 1:
+            y, new_state = self._step(xbc[:, 0], dt_raw[:, 0], state)
+            return self.out_proj(self.norm(y.unsqueeze(1).to(h.dtype), z)), new_state
         # Prepending the previous K-1 conv inputs makes the conv causal and continuous across calls.
         conv_in = torch.cat([state.conv.transpose(1, 2).to(xbc.dtype), xbc], dim=1)  # [B, K-1+T, C]
         new_conv = conv_in[:, conv_in.shape[1] - (self.conv_kernel - 1) :].transpose(1, 2).contiguous()
@@ -87,6 +90,28 @@ class Mamba2Mixer(nn.Module):
         )
         s = self.out_proj(self.norm(y.flatten(-2).to(h.dtype), z))
         return s, SSMState(conv=new_conv, ssm=final)
+
+    def _step(self, xbc: torch.Tensor, dt_raw: torch.Tensor, state: SSMState) -> tuple[torch.Tensor, SSMState]:
+        """One token, directly: xbc [B, C], dt_raw [B, H] -> (y [B, H·P] before the norm, the next state).
+
+        The conv is a dot product with the K-1 stored inputs and the scan one step of its recurrence,
+        S = exp(dt A) S + dt x Bᵀ and y = S C + D x, instead of a conv and a scan over a chunk of length 1.
+        """
+        window = torch.cat([state.conv.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)  # [B, C, K]
+        conv = (window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias
+        x, b, c = F.silu(conv.to(xbc.dtype)).split(
+            [self.inner_size, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
+        )
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # [B, H, P]
+        per_group = self.num_heads // self.num_groups
+        b = b.float().unflatten(-1, (self.num_groups, self.state_size)).repeat_interleave(per_group, dim=1)
+        c = c.float().unflatten(-1, (self.num_groups, self.state_size)).repeat_interleave(per_group, dim=1)
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, H]
+        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
+        x32 = x.float()
+        ssm = decay[..., None, None] * state.ssm + (dt.unsqueeze(-1) * x32).unsqueeze(-1) * b.unsqueeze(-2)
+        y = (ssm @ c.unsqueeze(-1)).squeeze(-1) + self.D.float().unsqueeze(-1) * x32  # [B, H, P]
+        return y.to(x.dtype).flatten(-2), SSMState(conv=window[..., 1:], ssm=ssm)
 
     def _causal_conv(self, conv_in: torch.Tensor) -> torch.Tensor:
         """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C].
