@@ -129,7 +129,7 @@ def ssm_scan_torch(x, dt, A, B, C, D, initial_state, chunk_size):
 
     def to_chunks(values: Tensor, width: int) -> Tensor:
         """[Bt, T, K, width] -> [Bt, K, nc, Q, width], padded with zeros at the end of time."""
-        padded = F.pad(values, (0, 0, 0, 0, 0, padding))
+        padded = F.pad(values, (0, 0, 0, 0, 0, padding)) if padding else values  # F.pad copies even when by 0
         return padded.view(batch, num_chunks, chunk, -1, width).permute(0, 3, 1, 2, 4).contiguous()
 
     u = to_chunks(x32 * dt32.unsqueeze(-1), head_dim)
