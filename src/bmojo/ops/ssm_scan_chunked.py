@@ -9,10 +9,11 @@ within the chunk ``P_t = a_1 + ... + a_t`` and ``u_t = dt_t x_t`` (the scaled in
     H_c       = exp(P_end) H_{c-1} + S_c              short scan over chunks, H_{-1} = initial state
     Y_off     = (exp(P) ∘ C) H_{c-1}ᵀ                 the state entering the chunk, read out
 
-The running sums P are taken in fp64, so a difference P_t - P_s is its own sum rounded once to fp32: long chunks
-with strong decay lose no precision to cancellation. Every exponent is clamped to [-60, 0]: a decay below
-e^-60 ≈ 1e-26 is far under the fp32 rounding of the unit decay of the current step, while x86 CPUs evaluate exp
-of -inf, or with a result under 1e-38, and arithmetic on such denormals 10-100× slower.
+The running sums P are taken in fp64 (and split into fp32 high and low parts), so a difference P_t - P_s is
+about as precise as its own sum rounded to fp32: long chunks with strong decay lose no precision to cancellation.
+Every exponent is clamped to [-60, 0]: a decay below e^-60 ≈ 1e-26 is far under the fp32 rounding of the unit
+decay of the current step, while x86 CPUs evaluate exp of -inf, or with a result under 1e-38, and arithmetic on
+such denormals 10-100× slower.
 
 The backward runs the same pieces in reverse (the chunk scan backwards, every matmul transposed), so it is as
 matmul-heavy as the forward; it is also the template of the NKI kernels. Heads of a group share B and C: C Bᵀ is
