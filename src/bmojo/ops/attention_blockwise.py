@@ -18,14 +18,10 @@ import torch.nn.functional as F
 MAX_QUERY_BLOCK = 64
 
 
-def _band_keys(x: torch.Tensor, positions: torch.Tensor, far: int, span: int) -> torch.Tensor:
-    """Key span of every query block: [B, T, Hkv, D] → [B, NQ, Hkv, span, D]; block i holds positions
-    ``positions[i, 0] - far + l`` for ``l < span``, clamped into [0, T) (the mask hides the clamped ones).
-
-    A gather rather than ``Tensor.unfold``: as fast on CPU, and torch-xla runs it on the device.
-    """
-    key_pos = (positions[:, :1] - far + torch.arange(span, device=x.device)).clamp(0, x.shape[1] - 1)
-    return x.index_select(1, key_pos.flatten()).unflatten(1, tuple(key_pos.shape)).transpose(2, 3)
+def _band_index(positions: torch.Tensor, length: int, far: int, span: int) -> torch.Tensor:
+    """Key positions of every query block's span: [NQ, span], ``positions[i, 0] - far + l`` clamped into
+    [0, T) (the mask hides the clamped ones). positions: [NQ, block] query positions."""
+    return (positions[:, :1] - far + torch.arange(span, device=positions.device)).clamp(0, length - 1)
 
 
 def _band_mask(positions: torch.Tensor, length: int, near: int, far: int, span: int) -> torch.Tensor:
@@ -38,38 +34,26 @@ def _band_mask(positions: torch.Tensor, length: int, near: int, far: int, span: 
     return (offset >= near) & (offset <= far) & (key_pos >= 0) & (key_pos < length)
 
 
-def _memory_keys_and_mask(
-    mem_k: torch.Tensor,
-    mem_v: torch.Tensor,
-    mem_pos: torch.Tensor,
-    mem_valid: torch.Tensor,
-    positions: torch.Tensor,
-    *,
-    window: int,
-    mem_block: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The memory rows each query block reads, and which entries each query sees.
+def _memory_index_and_mask(
+    mem_pos: torch.Tensor, mem_valid: torch.Tensor, positions: torch.Tensor, *, window: int, mem_block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory entries each query block reads, and which of them each query sees.
 
-    mem_k, mem_v: [B, NB, M, Hkv, D]; mem_pos, mem_valid: [B, NB, M]; positions: [NQ, block] →
-    (keys, values [B, NQ, Hkv, R·M, D], visible [B, NQ, block, R·M]). A block whose queries span R memory
-    blocks reads R rows; query t sees the valid entries of row ``t // mem_block`` behind its window.
+    mem_pos, mem_valid: [B, NB, M]; positions: [NQ, block] → (index [NQ, R·M] into the NB·M entries,
+    visible [B, NQ, block, R·M]). A block whose queries span R memory blocks reads R rows; query t sees the
+    valid entries of row ``t // mem_block`` behind its window.
     """
-    batch, num_rows, slots = mem_pos.shape
+    num_rows, slots = mem_pos.shape[1:]
     block = positions.shape[1]
     rows_per_block = 1 if mem_block % block == 0 else -(-(block - 1) // mem_block) + 1
-    first_row = positions[:, 0] // mem_block
-    rows = first_row[:, None] + torch.arange(rows_per_block, device=positions.device)  # [NQ, R]
+    rows = positions[:, :1] // mem_block + torch.arange(rows_per_block, device=positions.device)  # [NQ, R]
     clamped = rows.clamp(max=num_rows - 1)  # rows past the end are never a query's own row: masked below
-
-    def gather(x: torch.Tensor) -> torch.Tensor:  # [B, NB, M, ...] → [B, NQ, R·M, ...]
-        return x[:, clamped].flatten(2, 3)
-
     own_row = (positions // mem_block)[:, :, None] == rows[:, None, :]  # [NQ, block, R]
-    entry_pos, entry_valid = gather(mem_pos), gather(mem_valid)  # [B, NQ, R·M]
+    entry_pos, entry_valid = mem_pos[:, clamped].flatten(2), mem_valid[:, clamped].flatten(2)  # [B, NQ, R·M]
     behind_window = entry_pos[:, :, None, :] < (positions - window + 1)[None, :, :, None]
     visible = entry_valid[:, :, None, :] & behind_window & own_row.repeat_interleave(slots, dim=-1)[None]
-    keys, values = gather(mem_k).transpose(2, 3), gather(mem_v).transpose(2, 3)
-    return keys, values, visible
+    index = (clamped[:, :, None] * slots + torch.arange(slots, device=positions.device)).flatten(1)
+    return index, visible
 
 
 def bmojo_attention_torch(
@@ -82,34 +66,44 @@ def bmojo_attention_torch(
         )
         return out.transpose(1, 2)
     batch, length, query_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
     block = min(window, MAX_QUERY_BLOCK, length)
     num_blocks = -(-length // block)
     positions = torch.arange(num_blocks * block, device=q.device).view(num_blocks, block)
 
+    # Every key set is a source of rows and, per query block, an index into it and a mask.
     far = min(window - 1, length - 1)  # keys further back than T-1 do not exist
     span = block + far
-    keys, values = [_band_keys(k, positions, far, span)], [_band_keys(v, positions, far, span)]
+    key_sources, value_sources = [k], [v]
+    indices = [_band_index(positions, length, far, span)]
     masks = [_band_mask(positions, length, 0, far, span).expand(batch, -1, -1, -1)]
     if fading_k is not None and window < length:  # with window >= T no query has a fading key
         far = min(2 * window - 1, length - 1)
         span = block + far - window
-        keys.append(_band_keys(fading_k, positions, far, span))
-        values.append(_band_keys(fading_v, positions, far, span))
+        key_sources.append(fading_k)
+        value_sources.append(fading_v)
+        indices.append(_band_index(positions, length, far, span) + length)
         masks.append(_band_mask(positions, length, window, far, span).expand(batch, -1, -1, -1))
     if mem_k is not None:
-        memory = _memory_keys_and_mask(mem_k, mem_v, mem_pos, mem_valid, positions, window=window, mem_block=mem_block)
-        keys.append(memory[0])
-        values.append(memory[1])
-        masks.append(memory[2])
+        index, visible = _memory_index_and_mask(mem_pos, mem_valid, positions, window=window, mem_block=mem_block)
+        key_sources.append(mem_k.flatten(1, 2))
+        value_sources.append(mem_v.flatten(1, 2))
+        indices.append(index + len(indices) * length)
+        masks.append(visible)
     # Padding queries past T see every key, so no row of the fused kernel is empty; their outputs are dropped.
     mask = torch.cat(masks, dim=-1) | (positions >= length)[None, :, :, None]  # [B, NQ, block, L]
+    index = torch.cat(indices, dim=-1)  # [NQ, L]
+
+    def gather(sources: list[torch.Tensor]) -> torch.Tensor:  # → [B·NQ, Hkv, L, D], one copy of the keys
+        rows = torch.cat(sources, dim=1).index_select(1, index.flatten())
+        return rows.view(batch, num_blocks, -1, kv_heads, head_dim).transpose(2, 3).flatten(0, 1)
 
     padded_q = F.pad(q, (0, 0, 0, 0, 0, num_blocks * block - length))
     blocked_q = padded_q.view(batch, num_blocks, block, query_heads, head_dim).transpose(2, 3)
     out = F.scaled_dot_product_attention(
         blocked_q.flatten(0, 1),  # [B·NQ, Hq, block, D]
-        torch.cat(keys, dim=3).flatten(0, 1),  # [B·NQ, Hkv, L, D]
-        torch.cat(values, dim=3).flatten(0, 1),
+        gather(key_sources),
+        gather(value_sources),
         attn_mask=mask.flatten(0, 1).unsqueeze(1),  # [B·NQ, 1, block, L]
         scale=scale,
         enable_gqa=True,
