@@ -71,39 +71,39 @@ class AttentionMixer(nn.Module):
             self.memory_threshold = config.memory_threshold
             self.innovation_eps = config.innovation_eps
 
-    def _keys(self, proj_k: nn.Linear, proj_v: nn.Linear, x: torch.Tensor, positions: torch.Tensor):
+    def _keys(self, proj_k: nn.Linear, proj_v: nn.Linear, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         k = proj_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = proj_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return self.rope(k, positions), v
+        return self.rope(k, rope), v
 
-    def _fading_keys(self, s: torch.Tensor, positions: torch.Tensor):
+    def _fading_keys(self, s: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         if self.fading_k_proj is None:
-            return self._keys(self.k_proj, self.v_proj, s, positions)
-        return self._keys(self.fading_k_proj, self.fading_v_proj, s, positions)
+            return self._keys(self.k_proj, self.v_proj, s, rope)
+        return self._keys(self.fading_k_proj, self.fading_v_proj, s, rope)
 
-    def _queries(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _queries(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim))
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return self.rope(q, positions)
+        return self.rope(q, rope)
 
     def forward(
         self, h: torch.Tensor, want_state: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, AttentionState | None]:
         """Parallel form. h: [B, T, D] -> (out: [B, T, D], unweighted aux loss or None, state if asked)."""
         batch, length, _ = h.shape
-        positions = torch.arange(length, device=h.device)
-        q = self._queries(h, positions)
-        k, v = self._keys(self.k_proj, self.v_proj, h, positions)
+        rope = self.rope.tables(torch.arange(length, device=h.device))
+        q = self._queries(h, rope)
+        k, v = self._keys(self.k_proj, self.v_proj, h, rope)
         extra, aux, state = {}, None, None
         if want_state:
             keep = length if self.window is None else self.window
             state = AttentionState(keys=k[:, -keep:], values=v[:, -keep:])
         if self.ssm is not None:
             s, ssm_state = self.ssm(h)
-            fk, fv = self._fading_keys(s, positions)
+            fk, fv = self._fading_keys(s, rope)
             extra.update(fading_k=fk, fading_v=fv)
             if state is not None:
                 keep = 2 * self.window
@@ -148,9 +148,9 @@ class AttentionMixer(nn.Module):
 
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
         """Recurrent form for the token at ``position``. h: [B, 1, D] -> out: [B, 1, D]; updates ``state``."""
-        pos = torch.tensor([position], device=h.device)
-        q = self._queries(h, pos)
-        k, v = self._keys(self.k_proj, self.v_proj, h, pos)
+        rope = self.rope.tables(torch.tensor([position], device=h.device))
+        q = self._queries(h, rope)
+        k, v = self._keys(self.k_proj, self.v_proj, h, rope)
         state.keys = torch.cat([state.keys, k], dim=1)
         state.values = torch.cat([state.values, v], dim=1)
         if self.window is not None:
@@ -158,13 +158,14 @@ class AttentionMixer(nn.Module):
         key_sets = [(state.keys, state.values, None)]
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-            fk, fv = self._fading_keys(s, pos)
+            fk, fv = self._fading_keys(s, rope)
             state.fading_keys = torch.cat([state.fading_keys, fk], dim=1)[:, -2 * self.window :]
             state.fading_values = torch.cat([state.fading_values, fv], dim=1)[:, -2 * self.window :]
-            held = state.fading_keys.shape[1]
-            fading_pos = torch.arange(position - held + 1, position + 1, device=h.device)
-            visible = (fading_pos <= position - self.window) & (fading_pos > position - 2 * self.window)
-            key_sets.append((state.fading_keys, state.fading_values, visible.expand(h.shape[0], -1)))
+            # The buffer holds positions (position - held, position]; those behind the window are its first
+            # held - w entries, all within 2w of the query.
+            behind = state.fading_keys.shape[1] - self.window
+            if behind > 0:
+                key_sets.append((state.fading_keys[:, :behind], state.fading_values[:, :behind], None))
         if self.predictor is not None:
             iota, _ = innovation_scores(self.predictor, h, state.prev_s, self.innovation_eps)
             state.prev_s = s

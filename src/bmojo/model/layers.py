@@ -64,11 +64,16 @@ class RotaryEmbedding(nn.Module):
         """[D/2] inverse frequencies; also used to rebuild the (unsaved) buffer after loading on meta."""
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, D], positions: [T] (int) -> x rotated by its position, same dtype."""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] (int) -> (cos, sin), each [1, T, 1, D]; computed once per layer call and shared by
+        queries, keys and fading keys at the same positions."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[None, :, None, :]
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[None, :, None, :]
+        angles = torch.cat([angles, angles], dim=-1)[None, :, None, :]
+        return angles.cos(), angles.sin()
+
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [B, T, H, D], tables: :meth:`tables` of its positions -> x rotated by its position, same dtype."""
+        cos, sin = tables
         x32 = x.float()
         half = x32.shape[-1] // 2
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
