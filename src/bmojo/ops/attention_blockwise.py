@@ -18,20 +18,18 @@ import torch.nn.functional as F
 MAX_QUERY_BLOCK = 64
 
 
-def _band_index(positions: torch.Tensor, length: int, far: int, span: int) -> torch.Tensor:
-    """Key positions of every query block's span: [NQ, span], ``positions[i, 0] - far + l`` clamped into
-    [0, T) (the mask hides the clamped ones). positions: [NQ, block] query positions."""
-    return (positions[:, :1] - far + torch.arange(span, device=positions.device)).clamp(0, length - 1)
+def _band(positions: torch.Tensor, length: int, near: int, far: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key span of every query block for keys ``j ∈ [t - far, t - near]``, and which query sees which.
 
-
-def _band_mask(positions: torch.Tensor, length: int, near: int, far: int, span: int) -> torch.Tensor:
-    """Which key of each block's span a query sees: [NQ, block, span] bool, key ``j ∈ [t - far, t - near]``.
-
-    positions: [NQ, block] query positions t (padding rows included).
+    positions: [NQ, block] query positions t (padding rows included) → (index [NQ, span] of key positions
+    ``positions[i, 0] - far + l`` clamped into [0, T), visible [NQ, block, span] bool; the clamped keys are
+    never visible), span = block + far - near.
     """
-    key_pos = positions[:, :1, None] - far + torch.arange(span, device=positions.device)  # [NQ, 1, span]
-    offset = positions[..., None] - key_pos  # t - j
-    return (offset >= near) & (offset <= far) & (key_pos >= 0) & (key_pos < length)
+    span = positions.shape[1] + far - near
+    key_pos = positions[:, :1] - far + torch.arange(span, device=positions.device)  # [NQ, span]
+    offset = positions[..., None] - key_pos[:, None, :]  # t - j
+    exists = ((key_pos >= 0) & (key_pos < length))[:, None, :]
+    return key_pos.clamp(0, length - 1), (offset >= near) & (offset <= far) & exists
 
 
 def _memory_index_and_mask(
@@ -73,17 +71,15 @@ def bmojo_attention_torch(
 
     # Every key set is a source of rows and, per query block, an index into it and a mask.
     far = min(window - 1, length - 1)  # keys further back than T-1 do not exist
-    span = block + far
+    index, visible = _band(positions, length, 0, far)
     key_sources, value_sources = [k], [v]
-    indices = [_band_index(positions, length, far, span)]
-    masks = [_band_mask(positions, length, 0, far, span).expand(batch, -1, -1, -1)]
+    indices, masks = [index], [visible.expand(batch, -1, -1, -1)]
     if fading_k is not None and window < length:  # with window >= T no query has a fading key
-        far = min(2 * window - 1, length - 1)
-        span = block + far - window
+        index, visible = _band(positions, length, window, min(2 * window - 1, length - 1))
         key_sources.append(fading_k)
         value_sources.append(fading_v)
-        indices.append(_band_index(positions, length, far, span) + length)
-        masks.append(_band_mask(positions, length, window, far, span).expand(batch, -1, -1, -1))
+        indices.append(index + length)
+        masks.append(visible.expand(batch, -1, -1, -1))
     if mem_k is not None:
         index, visible = _memory_index_and_mask(mem_pos, mem_valid, positions, window=window, mem_block=mem_block)
         key_sources.append(mem_k.flatten(1, 2))
