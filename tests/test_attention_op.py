@@ -56,7 +56,7 @@ def run(backend: str, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tenso
     """Output and the gradients of every float input for a fixed random output gradient."""
     leaves = {name: inputs[name].clone().requires_grad_(True) for name in FLOAT_INPUTS if name in inputs}
     out = bmojo_attention(**(inputs | leaves), backend=backend)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(123)).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True, materialize_grads=True)
     return out, dict(zip(leaves, grads, strict=True))
 

@@ -51,8 +51,8 @@ def run_with_grads(inputs: dict, backend: str, chunk_size: int = 64, seed: int =
     kwargs = {name: leaves.get(name) for name in INPUT_NAMES}
     y, final_state = ssm_scan(**kwargs, chunk_size=chunk_size, backend=backend)
     generator = torch.Generator().manual_seed(seed)
-    grad_y = torch.randn(y.shape, generator=generator).to(y.dtype)
-    grad_state = torch.randn(final_state.shape, generator=generator)
+    grad_y = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
+    grad_state = torch.randn(final_state.shape, generator=generator).to(final_state.device)
     grads = torch.autograd.grad((y, final_state), list(leaves.values()), (grad_y, grad_state))
     return {"y": y, "final_state": final_state} | {f"grad_{name}": g for name, g in zip(leaves, grads, strict=True)}
 
