@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,16 @@ from pathlib import Path
 import torch
 
 from bmojo import BmojoForCausalLM
-from bmojo.eval.family import FAMILY, add_size_arguments, family_configs, parameter_count, size_fields
+from bmojo.eval.family import (
+    FAMILY,
+    add_size_arguments,
+    bench_device,
+    device_description,
+    family_configs,
+    parameter_count,
+    size_fields,
+    synchronize,
+)
 
 
 def tensor_bytes(state: object) -> int:
@@ -38,20 +46,22 @@ def tensor_bytes(state: object) -> int:
 @torch.no_grad()
 def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, args.vocab_size, (1, context), generator=generator)
-    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, 1, 1), generator=generator)
+    prompt = torch.randint(0, args.vocab_size, (1, context), generator=generator).to(args.device)
+    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, 1, 1), generator=generator).to(args.device)
     models, caches, times = {}, {}, {}
     rows = {}
     for member, config in configs.items():
         torch.manual_seed(0)
-        models[member] = BmojoForCausalLM(config).eval()
+        models[member] = BmojoForCausalLM(config).eval().to(args.device)
         caches[member] = models[member](prompt, use_cache=True).cache
         rows[member] = {"cache_bytes": tensor_bytes(caches[member].states)}
         times[member] = []
     for index in range(args.tokens + 1):  # token 0 warms up
         for member, model in models.items():
+            synchronize(args.device)
             start = time.perf_counter()
             model(next_tokens[index], cache=caches[member], use_cache=True)
+            synchronize(args.device)
             if index:
                 times[member].append(time.perf_counter() - start)
     for member, row in rows.items():
@@ -82,12 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per context (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_size_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.device = bench_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     configs = family_configs(tuple(args.members), **size_fields(args))
@@ -98,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "bench": "decode",
         "torch_version": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "device": args.device.type,
+        "machine": device_description(args.device),
         "threads": torch.get_num_threads(),
         "decoded_tokens": args.tokens,
         "model": size_fields(args),

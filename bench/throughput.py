@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,18 +19,29 @@ from pathlib import Path
 import torch
 
 from bmojo import BmojoForCausalLM
-from bmojo.eval.family import FAMILY, add_size_arguments, family_configs, parameter_count, size_fields
+from bmojo.eval.family import (
+    FAMILY,
+    add_size_arguments,
+    bench_device,
+    device_description,
+    family_configs,
+    parameter_count,
+    size_fields,
+    synchronize,
+)
 
 
-def make_step(model: BmojoForCausalLM, batch: int, seq_len: int, vocab_size: int):
-    """One training step on fixed random tokens: forward, backward, AdamW update."""
-    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+def make_step(model: BmojoForCausalLM, batch: int, seq_len: int, vocab_size: int, device: torch.device):
+    """One training step on fixed random tokens: forward, backward, AdamW update, finished on the device."""
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         model(ids, labels=ids).loss.backward()
         optimizer.step()
+        synchronize(device)
 
     return step
 
@@ -42,7 +52,7 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
     steps = {}
     for member, config in configs.items():
         torch.manual_seed(0)
-        steps[member] = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size)
+        steps[member] = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device)
     times: dict[str, list[float]] = {member: [] for member in configs}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for member, step in steps.items():
@@ -69,7 +79,8 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
 def profile_step(args: argparse.Namespace, seq_len: int) -> None:
     """Print where one training step of ``args.profile`` spends its time, operator by operator."""
     config = family_configs((args.profile,), **size_fields(args))[args.profile]
-    step = make_step(BmojoForCausalLM(config).train(), max(1, args.tokens // seq_len), seq_len, config.vocab_size)
+    batch = max(1, args.tokens // seq_len)
+    step = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device)
     step()
     with torch.profiler.profile() as profiler:
         step()
@@ -98,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / T)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--profile", choices=FAMILY, help="also print the top operators of one step of this member")
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -105,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    args.device = bench_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = []
@@ -116,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "bench": "throughput",
         "torch_version": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "device": args.device.type,
+        "machine": device_description(args.device),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "tokens_per_step": args.tokens,

@@ -85,3 +85,28 @@ def compose_bench_run(overrides: list[str], run_dir: Path, threads: int | None):
     threads_override = [f"backend.num_threads={threads}"] if threads is not None else []
     with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"run_dir={run_dir}", *quiet, *threads_override])
+
+
+def bench_device(name: str) -> torch.device:
+    """The device a benchmark runs on (``--device``), with a clear error when it is not there."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is visible to PyTorch (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: the family benchmarks run on cpu or cuda")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_description(device: torch.device) -> str:
+    """What ran the benchmark, for its JSON: the GPU's name, or the CPU's."""
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

@@ -161,9 +161,16 @@ def throughput_section(report: dict, figure: Path) -> str:
     model = report["model"]
     return (
         f"{report['tokens_per_step']} tokens a step, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
-        f"layers, window {model['window_size']}, memory {model['memory_size']}; {report['threads']} threads.\n\n"
+        f"layers, window {model['window_size']}, memory {model['memory_size']}; {_where(report)}.\n\n"
         + _table(["T", "member", "parameters", "tokens/s", "vs A", "vs W"], rows)
     )
+
+
+def _where(report: dict) -> str:
+    """What ran a benchmark: its CPU threads, or the GPU (reports written before ``--device`` were CPU runs)."""
+    if report.get("device", "cpu") == "cuda":
+        return f"on {report['machine']}"
+    return f"{report['threads']} CPU threads"
 
 
 def decode_section(report: dict, figure: Path) -> str:
@@ -194,7 +201,7 @@ def decode_section(report: dict, figure: Path) -> str:
     model = report["model"]
     described = (
         f"Hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, window {model['window_size']}, "
-        f"memory {model['memory_size']}; {report['threads']} threads; median of {report['decoded_tokens']} tokens."
+        f"memory {model['memory_size']}; {_where(report)}; median of {report['decoded_tokens']} tokens."
     )
     return f"{described}\n\n" + _table(["context", "member", "ms/token", "vs A", "cache KiB"], rows)
 
