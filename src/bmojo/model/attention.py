@@ -17,29 +17,41 @@ from torch import nn
 from bmojo.config import BmojoConfig
 from bmojo.model.layers import RMSNorm, RotaryEmbedding
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
-from bmojo.model.memory import InnovationPredictor, MemoryFIFO, innovation_scores, select_memory
+from bmojo.model.memory import InnovationPredictor, MemoryFIFO, innovation_ratio, innovation_scores, select_memory
 from bmojo.ops import bmojo_attention, eidetic_gather
+
+# Decoding computes RoPE tables this many positions at a time and slices one per token.
+ROPE_BLOCK = 64
 
 
 @dataclass
 class AttentionState:
-    """Decoding state of one attention layer. Buffers hold the most recent positions, oldest first.
+    """Decoding state of one attention layer (DESIGN §2.5), allocated by the prefill and then written in place.
 
-    keys/values: [B, L, Hkv, Dh] local keys (post-RoPE); fading_*: [B, Lf, Hkv, Dh] fading keys of the last
-    ``Lf <= 2w`` positions; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output; block_*: scores
-    [B, n] and keys/values [B, n, Hkv, Dh] of the ``n`` tokens of the unfinished memory block.
+    keys/values: post-RoPE keys and values a query may read. ``A``: [B, T, Hkv, Dh], the T past positions, one
+    more each token. Windowed letters: [B, Hkv, S, Dh], S fixed slots laid out [local ring (R) | fading (w) |
+    memory (M)]:
+    local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer, so a
+    finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
+    eidetic memory's entries in :class:`MemoryFIFO` order. mask: [B, 1, 1, S] additive (0 or -inf), which
+    slots the last query saw; pending_*: [B, Hkv, w, Dh] fading keys of the last ``w`` positions at slot
+    ``p % w``, waiting to fall behind the window; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output;
+    block_scores: [B, Q_e] innovation ratios of the unfinished memory block at slot ``p % Q_e``; memory_reveal:
+    [B, 1, 1, M] first query position that may read each memory slot (the entry has left the window); rope:
+    RoPE tables of the ``ROPE_BLOCK`` positions around the next one (computed once a block, not once a token).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
-    fading_keys: torch.Tensor | None = None
-    fading_values: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    pending_keys: torch.Tensor | None = None
+    pending_values: torch.Tensor | None = None
     ssm: SSMState | None = None
     prev_s: torch.Tensor | None = None
     block_scores: torch.Tensor | None = None
-    block_keys: torch.Tensor | None = None
-    block_values: torch.Tensor | None = None
     memory: MemoryFIFO | None = None
+    memory_reveal: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class AttentionMixer(nn.Module):
@@ -70,6 +82,12 @@ class AttentionMixer(nn.Module):
             self.memory_block = config.memory_block
             self.memory_threshold = config.memory_threshold
             self.innovation_eps = config.innovation_eps
+        if self.window is not None:
+            # Decode buffer layout (AttentionState): local ring, fading slots, memory slots.
+            self.ring = max(self.window, self.memory_block) if self.predictor is not None else self.window
+            self.memory_start = self.ring + (self.window if self.ssm is not None else 0)
+            # From this position on every slot is visible (W, F), so the decode attention needs no mask.
+            self.unmasked_from = None if self.predictor is not None else self.memory_start - 1
 
     def _keys(self, proj_k: nn.Linear, proj_v: nn.Linear, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         k = proj_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -99,16 +117,14 @@ class AttentionMixer(nn.Module):
         k, v = self._keys(self.k_proj, self.v_proj, h, rope)
         extra, aux, state = {}, None, None
         if want_state:
-            keep = length if self.window is None else self.window
-            state = AttentionState(keys=k[:, -keep:], values=v[:, -keep:])
+            state = self._new_state(k, v)
         if self.ssm is not None:
             s, ssm_state = self.ssm(h)
             fk, fv = self._fading_keys(s, rope)
             extra.update(fading_k=fk, fading_v=fv)
             if state is not None:
-                keep = 2 * self.window
-                state.fading_keys, state.fading_values = fk[:, -keep:], fv[:, -keep:]
-                state.ssm, state.prev_s = ssm_state, s[:, -1:]
+                self._fill_fading(state, fk, fv)
+                state.ssm, state.prev_s = ssm_state, s[:, -1:].clone()
         if self.predictor is not None:
             s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)
             iota, aux = innovation_scores(self.predictor, h, s_prev, self.innovation_eps)
@@ -134,76 +150,169 @@ class AttentionMixer(nn.Module):
             )
             if state is not None:
                 current = length // self.memory_block
-                start = current * self.memory_block
-                state.block_scores = iota[:, start:]
-                state.block_keys, state.block_values = k[:, start:], v[:, start:]
-                state.memory = MemoryFIFO(
-                    keys=gathered_k[:, current],
-                    values=gathered_v[:, current],
-                    positions=mem_pos[:, current],
-                    valid=mem_valid[:, current],
-                )
+                state.block_scores = iota.new_zeros(batch, self.memory_block)
+                state.block_scores[:, : length - current * self.memory_block] = iota[:, current * self.memory_block :]
+                memory = MemoryFIFO(positions=mem_pos[:, current].clone(), valid=mem_valid[:, current].clone())
+                self._fill_memory(state, memory, gathered_k[:, current], gathered_v[:, current], length - 1)
         out = bmojo_attention(q, k, v, window=self.window, **extra)
         return self.o_proj(out.flatten(2)), aux, state
 
+    def _new_state(self, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
+        """Decode state after a prefill of keys/values k, v: [B, T, Hkv, Dh]; fading and memory parts zero."""
+        if self.window is None:
+            return AttentionState(keys=k, values=v)
+        batch, length, heads, dim = k.shape
+        size = self.memory_start + (self.memory_size if self.predictor is not None else 0)
+        state = AttentionState(
+            keys=k.new_zeros(batch, heads, size, dim),
+            values=v.new_zeros(batch, heads, size, dim),
+            mask=k.new_full((batch, 1, 1, size), float("-inf")),
+            rope=self._rope_block(length, k.device),
+        )
+        for buffer, source in ((state.keys, k), (state.values, v)):
+            ring_write(buffer[:, :, : self.ring], source, max(0, length - self.ring), length)
+        ring_unmask(state.mask[..., : self.ring], max(0, length - self.window), length)
+        return state
+
+    def _rope_block(self, position: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables ([1, ROPE_BLOCK, 1, Dh] each) of the block of positions that holds ``position``."""
+        start = position - position % ROPE_BLOCK
+        return self.rope.tables(torch.arange(start, start + ROPE_BLOCK, device=device))
+
+    def _fill_fading(self, state: AttentionState, fk: torch.Tensor, fv: torch.Tensor) -> None:
+        """Fading keys/values of a prefill (fk, fv: [B, T, Hkv, Dh]) into the state: the last w pending, the w
+        before them behind the window of the last query."""
+        length, w = fk.shape[1], self.window
+        state.pending_keys = fk.new_zeros(fk.shape[0], fk.shape[2], w, fk.shape[3])
+        state.pending_values = torch.zeros_like(state.pending_keys)
+        behind = slice(self.ring, self.ring + w)
+        for pending, buffer, source in ((state.pending_keys, state.keys, fk), (state.pending_values, state.values, fv)):
+            ring_write(pending, source, max(0, length - w), length)
+            ring_write(buffer[:, :, behind], source, max(0, length - 2 * w), max(0, length - w))
+        ring_unmask(state.mask[..., behind], max(0, length - 2 * w), max(0, length - w))
+
+    def _fill_memory(
+        self, state: AttentionState, memory: MemoryFIFO, keys: torch.Tensor, values: torch.Tensor, position: int
+    ) -> None:
+        """The memory (keys/values [B, M, Hkv, Dh]) a decode continues from, as the query at ``position`` saw it."""
+        state.memory = memory
+        state.keys[:, :, self.memory_start :] = keys.transpose(1, 2)
+        state.values[:, :, self.memory_start :] = values.transpose(1, 2)
+        state.memory_reveal = torch.empty_like(memory.positions)[:, None, None]
+        self._reset_memory_mask(state, position)
+
+    def _reset_memory_mask(self, state: AttentionState, position: int) -> None:
+        """Recompute, after the memory changed, when each memory slot may be read, and the mask for ``position``."""
+        memory = state.memory
+        never = torch.iinfo(torch.long).max
+        state.memory_reveal.copy_((memory.positions + self.window).masked_fill(~memory.valid, never)[:, None, None])
+        state.mask[..., self.memory_start :] = float("-inf")
+        state.mask[..., self.memory_start :].masked_fill_(state.memory_reveal <= position, 0.0)
+
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
         """Recurrent form for the token at ``position``. h: [B, 1, D] -> out: [B, 1, D]; updates ``state``."""
-        rope = self.rope.tables(torch.tensor([position], device=h.device))
-        q = self._queries(h, rope)
-        k, v = self._keys(self.k_proj, self.v_proj, h, rope)
-        state.keys = torch.cat([state.keys, k], dim=1)
-        state.values = torch.cat([state.values, v], dim=1)
-        if self.window is not None:
-            state.keys, state.values = state.keys[:, -self.window :], state.values[:, -self.window :]
-        key_sets = [(state.keys, state.values, None)]
+        if self.window is None:
+            # Full attention's cache grows with the context: the baseline the windowed letters avoid.
+            rope = self.rope.tables(torch.tensor([position], device=h.device))
+            q = self._queries(h, rope)
+            k, v = self._keys(self.k_proj, self.v_proj, h, rope)
+            state.keys, state.values = torch.cat([state.keys, k], dim=1), torch.cat([state.values, v], dim=1)
+            keys, values = state.keys.transpose(1, 2), state.values.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).flatten(2))
+        offset = position % ROPE_BLOCK
+        if offset == 0:
+            state.rope = self._rope_block(position, h.device)
+        s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-            fk, fv = self._fading_keys(s, rope)
-            state.fading_keys = torch.cat([state.fading_keys, fk], dim=1)[:, -2 * self.window :]
-            state.fading_values = torch.cat([state.fading_values, fv], dim=1)[:, -2 * self.window :]
-            # The buffer holds positions (position - held, position]; those behind the window are its first
-            # held - w entries, all within 2w of the query.
-            behind = state.fading_keys.shape[1] - self.window
-            if behind > 0:
-                key_sets.append((state.fading_keys[:, :behind], state.fading_values[:, :behind], None))
+        rope = tuple(table[:, offset : offset + 1] for table in state.rope)
+        q, k, v = self._step_projections(h, s, rope)
+        self._write_local(state, position, k[:, 0], v[:, 0])
+        if s is not None:
+            self._write_fading(state, position, k[:, 1], v[:, 1])
         if self.predictor is not None:
-            iota, _ = innovation_scores(self.predictor, h, state.prev_s, self.innovation_eps)
+            slot = position % self.memory_block
+            innovation_ratio(
+                self.predictor, h, state.prev_s, self.innovation_eps, out=state.block_scores[:, slot : slot + 1]
+            )
             state.prev_s = s
-            memory = state.memory
-            visible = memory.valid & (memory.positions < position - self.window + 1)
-            key_sets.append((memory.keys, memory.values, visible))
-        out = attend_one(q, key_sets)
-        if self.predictor is not None:
-            state.block_scores = torch.cat([state.block_scores, iota], dim=1)
-            state.block_keys = torch.cat([state.block_keys, k], dim=1)
-            state.block_values = torch.cat([state.block_values, v], dim=1)
-            if (position + 1) % self.memory_block == 0:
-                memory.push_block(
-                    state.block_scores,
-                    state.block_keys,
-                    state.block_values,
-                    start=position + 1 - self.memory_block,
-                    topk=self.memory_topk,
-                    threshold=self.memory_threshold,
-                )
-                state.block_scores = state.block_scores[:, :0]
-                state.block_keys, state.block_values = state.block_keys[:, :0], state.block_values[:, :0]
-        return self.o_proj(out.flatten(2))
+            # Memory entries only become readable within a block (they leave the window); pushes reset the mask.
+            state.mask[..., self.memory_start :].masked_fill_(state.memory_reveal <= position, 0.0)
+        full = self.unmasked_from is not None and position >= self.unmasked_from
+        out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=None if full else state.mask)
+        if self.predictor is not None and (position + 1) % self.memory_block == 0:
+            self._push_block(state, position)
+        return self.o_proj(out.reshape(h.shape[0], 1, -1))
+
+    def _step_projections(
+        self, h: torch.Tensor, s: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of one token, with the fewest ops (what :meth:`_queries`, :meth:`_keys` and
+        :meth:`_fading_keys` give): h, s (SSM output or None): [B, 1, D] -> (q: [B, Hkv, Hq/Hkv, Dh], keys and
+        values [B, n, Hkv, Dh]: local, then fading if ``s`` is given). Tied projections run on [h, s] at once,
+        and one RoPE call rotates all heads, which share the token's position.
+        """
+        batch = h.shape[0]
+        if s is None or self.fading_k_proj is None:
+            sources = h if s is None else torch.cat([h, s], dim=1)
+            k, v = self.k_proj(sources), self.v_proj(sources)
+        else:
+            k = torch.cat([self.k_proj(h), self.fading_k_proj(s)], dim=1)
+            v = torch.cat([self.v_proj(h), self.fading_v_proj(s)], dim=1)
+        q = self.q_proj(h).view(batch, 1, self.num_heads, self.head_dim)
+        k = k.view(batch, 1, -1, self.head_dim)  # [B, 1, n * Hkv, Dh]: the n key sets as heads
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
+        # Query heads sharing a key head are rows of one query: SDPA reads each key head once, without copies.
+        grouped = q[:, 0].unflatten(1, (self.num_kv_heads, -1))
+        keys = k[:, 0].unflatten(1, (-1, self.num_kv_heads))
+        return grouped, keys, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+
+    def _write_local(self, state: AttentionState, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the token's local key/value (k, v: [B, Hkv, Dh]) and show the query its window."""
+        slot = position % self.ring
+        state.keys[:, :, slot] = k
+        state.values[:, :, slot] = v
+        if self.ring > self.window or position < self.ring:
+            state.mask[..., slot] = 0.0
+        if self.ring > self.window and position >= self.window:
+            # Kept in the ring for the memory block, but outside the window.
+            state.mask[..., (position - self.window) % self.ring] = float("-inf")
+
+    def _write_fading(self, state: AttentionState, position: int, fk: torch.Tensor, fv: torch.Tensor) -> None:
+        """Store the token's fading key/value (fk, fv: [B, Hkv, Dh]); the one of ``position - w`` falls behind
+        the window into the slot that held ``position - 2w``."""
+        slot = position % self.window
+        state.keys[:, :, self.ring + slot] = state.pending_keys[:, :, slot]
+        state.values[:, :, self.ring + slot] = state.pending_values[:, :, slot]
+        state.pending_keys[:, :, slot] = fk
+        state.pending_values[:, :, slot] = fv
+        if self.window <= position < 2 * self.window:
+            state.mask[..., self.ring + slot] = 0.0
+
+    def _push_block(self, state: AttentionState, position: int) -> None:
+        """The memory block ending at ``position`` is finished: its accepted tokens join the memory."""
+        start = position + 1 - self.memory_block
+        slots = torch.arange(start, position + 1, device=state.keys.device) % self.ring
+        state.memory.push_block(
+            state.block_scores,
+            start=start,
+            topk=self.memory_topk,
+            threshold=self.memory_threshold,
+            block_entries=tuple(t[:, :, : self.ring].index_select(2, slots) for t in (state.keys, state.values)),
+            entries=(state.keys[:, :, self.memory_start :], state.values[:, :, self.memory_start :]),
+        )
+        self._reset_memory_mask(state, position)
 
 
-def attend_one(q: torch.Tensor, key_sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-    """One softmax of a single query over several key sets.
+def ring_write(ring: torch.Tensor, source: torch.Tensor, lo: int, hi: int) -> None:
+    """Positions [lo, hi) of source [B, T, H, Dh] into ring [B, H, n, Dh] at slots ``p % n`` (hi - lo <= n)."""
+    slots = torch.arange(lo, hi, device=ring.device) % ring.shape[2]
+    ring.index_copy_(2, slots, source[:, lo:hi].transpose(1, 2))
 
-    q: [B, 1, Hq, Dh]; each key set is (keys [B, L, Hkv, Dh], values [B, L, Hkv, Dh], visible [B, L] or None
-    for all visible). Returns [B, 1, Hq, Dh] in q's dtype.
-    """
-    keys = torch.cat([k for k, _, _ in key_sets], dim=1)
-    values = torch.cat([v for _, v, _ in key_sets], dim=1)
-    visible = None
-    if any(mask is not None for _, _, mask in key_sets):
-        masks = [k.new_ones(k.shape[:2], dtype=torch.bool) if m is None else m for k, _, m in key_sets]
-        visible = torch.cat(masks, dim=1)[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible, enable_gqa=True
-    )
-    return out.transpose(1, 2)
+
+def ring_unmask(mask: torch.Tensor, lo: int, hi: int) -> None:
+    """Show positions [lo, hi) of a ring of n slots (mask: [B, 1, 1, n], slot ``p % n``) to the query."""
+    mask.index_fill_(-1, torch.arange(lo, hi, device=mask.device) % mask.shape[-1], 0.0)

@@ -46,6 +46,18 @@ def innovation_scores(
     return iota, aux
 
 
+@torch.no_grad()
+def innovation_ratio(
+    predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ratio ``iota`` of :func:`innovation_scores` alone, in fewer ops, for decoding (no aux loss).
+
+    h, s_prev: [B, T, D] -> iota: [B, T] fp32, written into ``out`` if given (e.g. a slice of a score buffer).
+    """
+    err, h32 = (h - predictor(s_prev)).float(), h.float()
+    return torch.div(torch.linalg.vecdot(err, err), torch.linalg.vecdot(h32, h32).add_(eps), out=out)
+
+
 def block_candidates(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``topk`` largest scores of each block, ties to the earlier position, returned in position order.
 
@@ -89,47 +101,42 @@ def select_memory(
 
 @dataclass
 class MemoryFIFO:
-    """Recurrent eidetic memory: the last ``M`` accepted entries, oldest first.
+    """Recurrent eidetic memory: which positions the last ``M`` accepted entries hold, oldest first.
 
-    keys/values: [B, M, Hkv, Dh], positions: [B, M] int64, valid: [B, M] bool.
+    positions: [B, M] int64, valid: [B, M] bool (empty slots are the oldest ones). The entries' keys and values
+    live with the caller (the attention's key buffer), slot for slot, and :meth:`push_block` moves them alike.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, size: int, heads: int, dim: int, like: torch.Tensor) -> MemoryFIFO:
-        return cls(
-            keys=like.new_zeros(batch, size, heads, dim),
-            values=like.new_zeros(batch, size, heads, dim),
-            positions=torch.zeros(batch, size, dtype=torch.long, device=like.device),
-            valid=torch.zeros(batch, size, dtype=torch.bool, device=like.device),
-        )
 
     def push_block(
         self,
         scores: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
         start: int,
         topk: int,
         threshold: float,
+        block_entries: tuple[torch.Tensor, ...],
+        entries: tuple[torch.Tensor, ...],
     ) -> None:
-        """Run the innovation test on one finished block and append its accepted tokens.
+        """Run the innovation test on one finished block and append its accepted tokens, in place.
 
-        scores: [B, Q], keys/values: [B, Q, Hkv, Dh] of the block's tokens, ``start`` its first position.
+        scores: [B, Q] innovation ratios of the block's tokens, ``start`` its first position; ``block_entries``:
+        the tokens' keys, values, ... [B, H, Q, Dh]; ``entries``: the memory's [B, H, M, Dh], updated with them.
         """
         offsets, cand_scores = block_candidates(scores[:, None], topk)
-        offsets, accepted = offsets[:, 0], cand_scores[:, 0] > threshold
-        for b in range(scores.shape[0]):
-            chosen = offsets[b][accepted[b]]
-            if chosen.numel() == 0:
-                continue
-            n = chosen.numel()
-            size = self.positions.shape[1]
-            self.keys[b] = torch.cat([self.keys[b], keys[b, chosen]])[-size:]
-            self.values[b] = torch.cat([self.values[b], values[b, chosen]])[-size:]
-            self.positions[b] = torch.cat([self.positions[b], chosen + start])[-size:]
-            self.valid[b] = torch.cat([self.valid[b], self.valid.new_ones(n)])[-size:]
+        offsets, accepted = offsets[:, 0], cand_scores[:, 0] > threshold  # [B, k]
+        # Accepted candidates first, still in position order (a stable sort on the rejected flag).
+        order = torch.sort((~accepted).to(torch.uint8), dim=-1, stable=True).indices
+        chosen = offsets.gather(-1, order)
+        # Row b appends its n_b accepted entries and drops its n_b oldest: new slot i is old-then-chosen slot
+        # i + n_b, which never reaches a rejected candidate.
+        size = self.positions.shape[1]
+        source = torch.arange(size, device=scores.device) + accepted.sum(-1, keepdim=True)  # [B, M]
+        self.positions.copy_(torch.cat([self.positions, chosen + start], dim=1).gather(1, source))
+        self.valid.copy_(torch.cat([self.valid, torch.ones_like(accepted)], dim=1).gather(1, source))
+        for block, memory in zip(block_entries, entries, strict=True):
+            per_slot = (-1, memory.shape[1], -1, memory.shape[3])
+            candidates = block.gather(2, chosen[:, None, :, None].expand(per_slot))
+            extended = torch.cat([memory, candidates], dim=2)
+            memory.copy_(extended.gather(2, source[:, None, :, None].expand(per_slot)))

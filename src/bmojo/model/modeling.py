@@ -74,7 +74,8 @@ class BmojoBlock(nn.Module):
                 cache.states[layer_idx] = state
         else:
             start, state = cache.seen_tokens, cache.states[layer_idx]
-            mixed = torch.cat([self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])], dim=1)
+            steps = [self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])]
+            mixed = steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), aux
 
