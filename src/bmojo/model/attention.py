@@ -22,6 +22,8 @@ from bmojo.ops import bmojo_attention, eidetic_gather
 
 # Decoding computes RoPE tables this many positions at a time and slices one per token.
 ROPE_BLOCK = 64
+# Reveal position of an empty memory slot.
+NEVER = torch.iinfo(torch.long).max
 
 
 @dataclass
@@ -37,8 +39,9 @@ class AttentionState:
     slots the last query saw; pending_*: [B, Hkv, w, Dh] fading keys of the last ``w`` positions at slot
     ``p % w``, waiting to fall behind the window; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output;
     block_scores: [B, Q_e] innovation ratios of the unfinished memory block at slot ``p % Q_e``; memory_reveal:
-    [B, 1, 1, M] first query position that may read each memory slot (the entry has left the window); rope:
-    RoPE tables of the ``ROPE_BLOCK`` positions around the next one (computed once a block, not once a token).
+    [B, 1, 1, M] first query position that may read each memory slot (the entry has left the window), and
+    next_reveal the first of them still ahead; rope: cos and sign-folded sin (see :meth:`AttentionMixer._rotate`)
+    of the ``ROPE_BLOCK`` positions around the next one, computed once a block instead of once a token.
     """
 
     keys: torch.Tensor
@@ -51,6 +54,7 @@ class AttentionState:
     block_scores: torch.Tensor | None = None
     memory: MemoryFIFO | None = None
     memory_reveal: torch.Tensor | None = None
+    next_reveal: int = NEVER
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -175,9 +179,20 @@ class AttentionMixer(nn.Module):
         return state
 
     def _rope_block(self, position: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ([1, ROPE_BLOCK, 1, Dh] each) of the block of positions that holds ``position``."""
+        """Tables for :meth:`_rotate` ([ROPE_BLOCK, 1, 1, Dh] each) of the block of positions holding ``position``."""
         start = position - position % ROPE_BLOCK
-        return self.rope.tables(torch.arange(start, start + ROPE_BLOCK, device=device))
+        cos, sin = self.rope.tables(torch.arange(start, start + ROPE_BLOCK, device=device))
+        half = self.head_dim // 2
+        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos.view(ROPE_BLOCK, 1, 1, -1), signed_sin.view(ROPE_BLOCK, 1, 1, -1)
+
+    def _rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE as :class:`RotaryEmbedding` applies it, in three ops: its rotate-half ``[-x2, x1]`` is ``roll(x)``
+        times the sign folded into the sin table. x: [B, 1, H, Dh], tables: a position's rows of
+        :meth:`_rope_block` -> same."""
+        cos, signed_sin = tables
+        x32 = x.float()
+        return torch.addcmul(x32 * cos, x32.roll(self.head_dim // 2, dims=-1), signed_sin).to(x.dtype)
 
     def _fill_fading(self, state: AttentionState, fk: torch.Tensor, fv: torch.Tensor) -> None:
         """Fading keys/values of a prefill (fk, fv: [B, T, Hkv, Dh]) into the state: the last w pending, the w
@@ -204,10 +219,18 @@ class AttentionMixer(nn.Module):
     def _reset_memory_mask(self, state: AttentionState, position: int) -> None:
         """Recompute, after the memory changed, when each memory slot may be read, and the mask for ``position``."""
         memory = state.memory
-        never = torch.iinfo(torch.long).max
-        state.memory_reveal.copy_((memory.positions + self.window).masked_fill(~memory.valid, never)[:, None, None])
+        state.memory_reveal.copy_((memory.positions + self.window).masked_fill(~memory.valid, NEVER)[:, None, None])
         state.mask[..., self.memory_start :] = float("-inf")
-        state.mask[..., self.memory_start :].masked_fill_(state.memory_reveal <= position, 0.0)
+        self._reveal_memory(state, position)
+
+    def _reveal_memory(self, state: AttentionState, position: int) -> None:
+        """Show the query at ``position`` the memory entries that have left its window; note when the next does.
+
+        Between pushes entries only become readable, at known positions, so tokens in between change nothing.
+        """
+        readable = state.memory_reveal <= position
+        state.mask[..., self.memory_start :].masked_fill_(readable, 0.0)
+        state.next_reveal = int(state.memory_reveal.masked_fill(readable, NEVER).min())
 
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
         """Recurrent form for the token at ``position``. h: [B, 1, D] -> out: [B, 1, D]; updates ``state``."""
@@ -226,19 +249,19 @@ class AttentionMixer(nn.Module):
         s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-        rope = tuple(table[:, offset : offset + 1] for table in state.rope)
-        q, k, v = self._step_projections(h, s, rope)
-        self._write_local(state, position, k[:, 0], v[:, 0])
+        cos, signed_sin = state.rope
+        q, keys, values = self._step_projections(h, s, (cos[offset], signed_sin[offset]))
+        self._write_local(state, position, keys[0], values[0])
         if s is not None:
-            self._write_fading(state, position, k[:, 1], v[:, 1])
+            self._write_fading(state, position, keys[1], values[1])
         if self.predictor is not None:
             slot = position % self.memory_block
             innovation_ratio(
                 self.predictor, h, state.prev_s, self.innovation_eps, out=state.block_scores[:, slot : slot + 1]
             )
             state.prev_s = s
-            # Memory entries only become readable within a block (they leave the window); pushes reset the mask.
-            state.mask[..., self.memory_start :].masked_fill_(state.memory_reveal <= position, 0.0)
+            if position >= state.next_reveal:
+                self._reveal_memory(state, position)
         full = self.unmasked_from is not None and position >= self.unmasked_from
         out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=None if full else state.mask)
         if self.predictor is not None and (position + 1) % self.memory_block == 0:
@@ -247,10 +270,10 @@ class AttentionMixer(nn.Module):
 
     def _step_projections(
         self, h: torch.Tensor, s: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Queries, keys and values of one token, with the fewest ops (what :meth:`_queries`, :meth:`_keys` and
         :meth:`_fading_keys` give): h, s (SSM output or None): [B, 1, D] -> (q: [B, Hkv, Hq/Hkv, Dh], keys and
-        values [B, n, Hkv, Dh]: local, then fading if ``s`` is given). Tied projections run on [h, s] at once,
+        values, each [B, Hkv, Dh]: local, then fading if ``s`` is given). Tied projections run on [h, s] at once,
         and one RoPE call rotates all heads, which share the token's position.
         """
         batch = h.shape[0]
@@ -264,17 +287,17 @@ class AttentionMixer(nn.Module):
         k = k.view(batch, 1, -1, self.head_dim)  # [B, 1, n * Hkv, Dh]: the n key sets as heads
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
+        q, k = self._rotate(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
         # Query heads sharing a key head are rows of one query: SDPA reads each key head once, without copies.
-        grouped = q[:, 0].unflatten(1, (self.num_kv_heads, -1))
-        keys = k[:, 0].unflatten(1, (-1, self.num_kv_heads))
-        return grouped, keys, v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        grouped = q.view(batch, self.num_kv_heads, -1, self.head_dim)
+        per_set = (batch, -1, self.num_kv_heads, self.head_dim)
+        return grouped, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
 
     def _write_local(self, state: AttentionState, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the token's local key/value (k, v: [B, Hkv, Dh]) and show the query its window."""
         slot = position % self.ring
-        state.keys[:, :, slot] = k
-        state.values[:, :, slot] = v
+        state.keys.select(2, slot).copy_(k)
+        state.values.select(2, slot).copy_(v)
         if self.ring > self.window or position < self.ring:
             state.mask[..., slot] = 0.0
         if self.ring > self.window and position >= self.window:
@@ -285,10 +308,10 @@ class AttentionMixer(nn.Module):
         """Store the token's fading key/value (fk, fv: [B, Hkv, Dh]); the one of ``position - w`` falls behind
         the window into the slot that held ``position - 2w``."""
         slot = position % self.window
-        state.keys[:, :, self.ring + slot] = state.pending_keys[:, :, slot]
-        state.values[:, :, self.ring + slot] = state.pending_values[:, :, slot]
-        state.pending_keys[:, :, slot] = fk
-        state.pending_values[:, :, slot] = fv
+        state.keys.select(2, self.ring + slot).copy_(state.pending_keys.select(2, slot))
+        state.values.select(2, self.ring + slot).copy_(state.pending_values.select(2, slot))
+        state.pending_keys.select(2, slot).copy_(fk)
+        state.pending_values.select(2, slot).copy_(fv)
         if self.window <= position < 2 * self.window:
             state.mask[..., self.ring + slot] = 0.0
 
