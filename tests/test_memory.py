@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmojo.model.memory import select_memory
+from bmojo.model.memory import MemoryFIFO, select_memory
 
 
 def reference_memory(scores: list[float], block: int, topk: int, threshold: float, size: int, query_blocks: int):
@@ -50,3 +50,42 @@ def test_boring_blocks_do_not_push_remembered_tokens_out():
     for c in range(1, 5):
         assert positions[0, c][valid[0, c]].tolist() == [3]
     assert not valid[0, 0].any()
+
+
+def test_memory_fifo_push_matches_the_rule_per_row():
+    batch, size, block, topk, heads, dim = 3, 5, 6, 3, 2, 4
+    generator = torch.Generator().manual_seed(0)
+    # Rows start with 0, 2 and 5 entries (valid slots are the newest, at the end).
+    filled = [0, 2, size]
+    valid = torch.tensor([[slot >= size - n for slot in range(size)] for n in filled])
+    positions = torch.randint(0, 100, (batch, size), generator=generator) * valid
+    keys = torch.randn(batch, heads, size, dim, generator=generator)
+    values = torch.randn(batch, heads, size, dim, generator=generator)
+    # Per row, the plain rule: a list of (position, key, value), oldest first, cut to the last ``size``.
+    expected = [
+        [(int(positions[b, i]), keys[b, :, i].clone(), values[b, :, i].clone()) for i in range(size) if valid[b, i]]
+        for b in range(batch)
+    ]
+    fifo, accepted_counts = MemoryFIFO(positions=positions, valid=valid), set()
+    for index in range(4):
+        start = 100 + index * block
+        # Few distinct values force ties; values straddle the threshold, so rows accept different counts.
+        scores = torch.randint(0, 5, (batch, block), generator=generator).float() / 4
+        block_keys = torch.randn(batch, heads, block, dim, generator=generator)
+        block_values = torch.randn(batch, heads, block, dim, generator=generator)
+        fifo.push_block(scores, start, topk, 0.5, block_entries=(block_keys, block_values), entries=(keys, values))
+        for b in range(batch):
+            row = scores[b].tolist()
+            best = sorted(range(block), key=lambda p: (-row[p], p))[:topk]  # ties to the earlier position
+            accepted = sorted(p for p in best if row[p] > 0.5)
+            accepted_counts.add((index, b, len(accepted)))
+            entries = expected[b] + [(start + p, block_keys[b, :, p], block_values[b, :, p]) for p in accepted]
+            expected[b] = entries[-size:]
+    for b in range(batch):
+        count = len(expected[b])
+        assert fifo.valid[b].tolist() == [False] * (size - count) + [True] * count
+        assert fifo.positions[b, size - count :].tolist() == [p for p, _, _ in expected[b]]
+        for slot, (_, key, value) in zip(range(size - count, size), expected[b], strict=True):
+            assert torch.equal(keys[b, :, slot], key) and torch.equal(values[b, :, slot], value)
+    # The rule's hard case: rows of one push that accept different numbers of entries.
+    assert any(len({n for i, _, n in accepted_counts if i == index}) > 1 for index in range(4))

@@ -43,6 +43,8 @@ def build(config: BmojoConfig, seed: int = 0) -> BmojoForCausalLM:
 SEQ_LEN = 45
 CASES = [("A", {}), ("W", {}), ("M", {}), ("F", {}), ("F", {"tie_fading_proj": False, "qk_norm": True})]
 CASES += [("B", {"memory_threshold": 0.0}), ("B", {"innovation_rank": 8, "memory_block": 5})]
+# A memory block longer than the window: the local ring keeps keys the window no longer shows.
+CASES += [("B", {"memory_threshold": 0.0, "memory_block": 12, "memory_size": 4})]
 CASES += [("MWFBA", {"memory_threshold": 0.0})]
 
 
@@ -71,6 +73,44 @@ def test_token_by_token_decoding_matches_parallel_forward(pattern, overrides):
         memory = next(s.memory for s in cache.states if getattr(s, "memory", None) is not None)
         assert bool(memory.valid.all()), "the memory should be full, so the test covers eviction"
         assert int(memory.positions.min()) > 0, "the oldest entries should have been evicted"
+
+
+@pytest.mark.parametrize(
+    "pattern,overrides", [("W", {}), ("F", {}), ("B", {"memory_block": 12}), ("MWFBA", {"memory_threshold": 0.0})]
+)
+@pytest.mark.parametrize("prefill", [3, 12])
+def test_decoding_continues_short_prefills_in_steps_and_chunks(pattern, overrides, prefill):
+    # Prefills shorter than the window w = 8 and than 2w leave buffer slots empty; chunks of 5 step inside.
+    config = tiny_config(pattern, layers=max(2, len(pattern)), **overrides)
+    model = build(config)
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        out = model(ids[:, :prefill], use_cache=True)
+        pieces, position = [out.logits], prefill
+        while position < SEQ_LEN:
+            size = 1 if len(pieces) % 2 else 5
+            out = model(ids[:, position : position + size], cache=out.cache, use_cache=True)
+            pieces.append(out.logits)
+            position += size
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=0)
+
+
+def test_batch_rows_decode_with_their_own_memory():
+    # At this threshold rows accept different numbers of candidates, so their memories differ in size too.
+    config = tiny_config("B", layers=2, memory_threshold=1.002, memory_block=5, memory_size=10)
+    model = build(config)
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        out = model(ids[:, :13], use_cache=True)
+        pieces = [out.logits]
+        for t in range(13, SEQ_LEN):
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, atol=1e-4, rtol=0)
+    counts = [state.memory.valid.sum(-1).tolist() for state in out.cache.states]
+    assert any(row_a != row_b for row_a, row_b in counts), counts
 
 
 def test_recurrent_state_size_is_constant_for_windowed_letters():
