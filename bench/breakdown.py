@@ -28,8 +28,6 @@ from throughput import make_step
 
 from bmojo import BmojoConfig, BmojoForCausalLM
 from bmojo.eval.family import add_size_arguments, family_configs, size_fields
-from bmojo.model.attention import AttentionMixer
-from bmojo.model.mamba2 import Mamba2Mixer
 from bmojo.model.memory import select_memory
 from bmojo.ops import bmojo_attention, ssm_scan
 
@@ -90,13 +88,15 @@ def component_steps(
         return ssm_scan(x, dt, decay, b, c, chunk_size=config.ssm_chunk_size)
 
     h = randn(batch, length, config.hidden_size)
+    # Mixers taken from built models, so their SSM parameters carry the model's initialisation.
+    b_mixer, w_mixer = (BmojoForCausalLM(c).model.layers[0].mixer for c in (config, w_config))
     return {
         "attention W": forward_backward(attention_w, q, k, v),
         "attention B": forward_backward(attention_b, q, k, v, fk, fv, mem_k, mem_v),
         "ssm_scan": forward_backward(scan, x, dt, b, c),
-        "Mamba-2 mixer": forward_backward(Mamba2Mixer(config), h),
-        "mixer W": forward_backward(AttentionMixer(w_config, "W"), h),
-        "mixer B": forward_backward(AttentionMixer(config, "B"), h),
+        "Mamba-2 mixer": forward_backward(b_mixer.ssm, h),
+        "mixer W": forward_backward(w_mixer, h),
+        "mixer B": forward_backward(b_mixer, h),
     }
 
 
