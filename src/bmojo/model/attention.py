@@ -32,9 +32,8 @@ class AttentionState:
 
     keys/values: post-RoPE keys and values a query may read. ``A``: [B, T, Hkv, Dh], the T past positions, one
     more each token. Windowed letters: [B, Hkv, S, Dh], S fixed slots laid out [local ring (R) | fading (w) |
-    memory (M)]:
-    local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer, so a
-    finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
+    memory (M)]: local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer,
+    so a finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
     eidetic memory's entries in :class:`MemoryFIFO` order. mask: [B, 1, 1, S] additive (0 or -inf), which
     slots the last query saw; pending_*: [B, Hkv, w, Dh] fading keys of the last ``w`` positions at slot
     ``p % w``, waiting to fall behind the window; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output;
