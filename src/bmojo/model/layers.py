@@ -8,7 +8,12 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension, computed in fp32 and cast back."""
+    """RMSNorm over the last dimension, computed in fp32 and cast back.
+
+    Without autograd (inference) this norm and :class:`GatedRMSNorm` are PyTorch's one-op ``rms_norm``, since
+    decoding a token is bound by the number of operations it launches. Under autograd the composite form is
+    kept: on the CPU its backward is faster than ``rms_norm``'s. Both compute the same fp32 normalisation.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -16,6 +21,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: one op (see the docstring)
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * self.weight.float()).to(x.dtype)
@@ -35,6 +42,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z: [B, T, dim] -> [B, T, dim]."""
+        if not torch.is_grad_enabled():  # inference: one-op rms_norm, as in RMSNorm
+            gated = F.silu(z.float()).mul_(y.float()).unflatten(-1, (-1, self.group_size))
+            return (F.rms_norm(gated, (self.group_size,), eps=self.eps).flatten(-2) * self.weight).to(y.dtype)
         gated = y.float() * F.silu(z.float())
         grouped = gated.unflatten(-1, (-1, self.group_size))
         grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)

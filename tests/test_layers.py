@@ -1,0 +1,45 @@
+"""The norms' two forms: the one-op inference path equals the composite that autograd trains through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bmojo.model.layers import GatedRMSNorm, RMSNorm
+
+
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group: int) -> torch.Tensor:
+    """RMSNorm over groups of ``group`` channels, written out in float64."""
+    grouped = x.double().unflatten(-1, (-1, group))
+    normed = grouped / torch.sqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.flatten(-2) * weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_inference_and_training_forms_agree(dtype: torch.dtype) -> None:
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 64).to(dtype)
+    with torch.no_grad():
+        inference = norm(x)
+    training = norm(x.requires_grad_())
+    assert inference.dtype == training.dtype == dtype
+    torch.testing.assert_close(inference, training)
+    expected = plain_rms_norm(x.detach(), norm.weight.detach(), norm.eps, 64)
+    torch.testing.assert_close(inference.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_gated_rms_norm_inference_and_training_forms_agree(group: int) -> None:
+    norm = GatedRMSNorm(64, group)
+    with torch.no_grad():
+        norm.weight.normal_()
+    y, z = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    with torch.no_grad():
+        inference = norm(y, z)
+    training = norm(y.requires_grad_(), z)
+    torch.testing.assert_close(inference, training)
+    gated = y.detach().double() * torch.nn.functional.silu(z.double())
+    expected = plain_rms_norm(gated, norm.weight.detach(), norm.eps, group)
+    torch.testing.assert_close(inference.double(), expected, rtol=1e-5, atol=1e-5)
