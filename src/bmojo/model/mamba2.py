@@ -96,22 +96,22 @@ class Mamba2Mixer(nn.Module):
 
         The conv is a dot product with the K-1 stored inputs and the scan one step of its recurrence,
         S = exp(dt A) S + dt x Bᵀ and y = S C + D x, instead of a conv and a scan over a chunk of length 1.
+        Decoding is bound by the number of small operations, so heads read their group's B and C through
+        broadcast views (no copy per head) and the updates are fused multiply-adds.
         """
+        batch, groups, state_size = xbc.shape[0], self.num_groups, self.state_size
         window = torch.cat([state.conv.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)  # [B, C, K]
-        conv = (window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias
-        x, b, c = F.silu(conv.to(xbc.dtype)).split(
-            [self.inner_size, self.num_groups * self.state_size, self.num_groups * self.state_size], dim=-1
-        )
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # [B, H, P]
-        per_group = self.num_heads // self.num_groups
-        b = b.float().unflatten(-1, (self.num_groups, self.state_size)).repeat_interleave(per_group, dim=1)
-        c = c.float().unflatten(-1, (self.num_groups, self.state_size)).repeat_interleave(per_group, dim=1)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())  # [B, H]
-        decay = torch.exp(dt * -torch.exp(self.A_log.float()))
-        x32 = x.float()
-        ssm = decay[..., None, None] * state.ssm + (dt.unsqueeze(-1) * x32).unsqueeze(-1) * b.unsqueeze(-2)
-        y = (ssm @ c.unsqueeze(-1)).squeeze(-1) + self.D.float().unsqueeze(-1) * x32  # [B, H, P]
-        return y.to(x.dtype).flatten(-2), SSMState(conv=window[..., 1:], ssm=ssm)
+        conv = (window * self.conv1d.weight.squeeze(1)).sum(-1).add_(self.conv1d.bias)
+        x, b, c = F.silu(conv).float().split([self.inner_size, groups * state_size, groups * state_size], dim=-1)
+        dt = F.softplus(dt_raw.float() + self.dt_bias)  # [B, H]
+        decay = torch.exp(dt * self.A_log.float().exp().neg())
+        grouped = (batch, groups, self.num_heads // groups)  # [B, G, R, ...]: head g·R + r reads group g
+        x = x.view(*grouped, self.head_dim)
+        ssm = state.ssm.view(*grouped, self.head_dim, state_size) * decay.view(*grouped, 1, 1)
+        ssm.addcmul_((x * dt.view(*grouped, 1)).unsqueeze(-1), b.view(batch, groups, 1, 1, state_size))
+        y = (ssm @ c.view(batch, groups, 1, state_size, 1)).view(batch, self.num_heads, self.head_dim)
+        y = torch.addcmul(y, self.D.view(-1, 1), x.view(batch, self.num_heads, self.head_dim))
+        return y.flatten(1).to(xbc.dtype), SSMState(conv=window[..., 1:], ssm=ssm.flatten(1, 2))
 
     def _causal_conv(self, conv_in: torch.Tensor) -> torch.Tensor:
         """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C].
