@@ -30,7 +30,7 @@ NEVER = torch.iinfo(torch.long).max
 class AttentionState:
     """Decoding state of one attention layer (DESIGN §2.5), allocated by the prefill and then written in place.
 
-    keys/values: post-RoPE keys and values a query may read. ``A``: [B, T, Hkv, Dh], the T past positions, one
+    keys/values: post-RoPE keys and values a query may read. ``A``: [B, Hkv, T, Dh], the T past positions, one
     more each token. Windowed letters: [B, Hkv, S, Dh], S fixed slots laid out [local ring (R) | fading (w) |
     memory (M)]: local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer,
     so a finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
@@ -162,8 +162,9 @@ class AttentionMixer(nn.Module):
 
     def _new_state(self, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
         """Decode state after a prefill of keys/values k, v: [B, T, Hkv, Dh]; fading and memory parts zero."""
-        if self.window is None:
-            return AttentionState(keys=k, values=v)
+        if self.window is None:  # head-major, as the SDPA call reads it (and as a Hugging Face cache holds it)
+            rope = self._rope_block(k.shape[1], k.device)
+            return AttentionState(keys=k.transpose(1, 2).contiguous(), values=v.transpose(1, 2).contiguous(), rope=rope)
         batch, length, heads, dim = k.shape
         size = self.memory_start + (self.memory_size if self.predictor is not None else 0)
         state = AttentionState(
@@ -233,18 +234,17 @@ class AttentionMixer(nn.Module):
 
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
         """Recurrent form for the token at ``position``. h: [B, 1, D] -> out: [B, 1, D]; updates ``state``."""
-        if self.window is None:
-            # Full attention's cache grows with the context: the baseline the windowed letters avoid.
-            rope = self.rope.tables(torch.tensor([position], device=h.device))
-            q = self._queries(h, rope)
-            k, v = self._keys(self.k_proj, self.v_proj, h, rope)
-            state.keys, state.values = torch.cat([state.keys, k], dim=1), torch.cat([state.values, v], dim=1)
-            keys, values = state.keys.transpose(1, 2), state.values.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True)
-            return self.o_proj(out.transpose(1, 2).flatten(2))
         offset = position % ROPE_BLOCK
         if offset == 0:
             state.rope = self._rope_block(position, h.device)
+        if self.window is None:
+            # Full attention's cache grows with the context (the baseline the windowed letters avoid): one more
+            # key and value each token, appended the way a Hugging Face dynamic cache appends them.
+            q, keys, values = self._step_projections(h, None, (state.rope[0][offset], state.rope[1][offset]))
+            state.keys = torch.cat([state.keys, keys[0].unsqueeze(2)], dim=2)
+            state.values = torch.cat([state.values, values[0].unsqueeze(2)], dim=2)
+            out = F.scaled_dot_product_attention(q, state.keys, state.values)
+            return self.o_proj(out.reshape(h.shape[0], 1, -1))
         s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
