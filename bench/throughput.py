@@ -31,15 +31,20 @@ from bmojo.eval.family import (
 )
 
 
-def make_step(model: BmojoForCausalLM, batch: int, seq_len: int, vocab_size: int, device: torch.device):
-    """One training step on fixed random tokens: forward, backward, AdamW update, finished on the device."""
+def make_step(
+    model: BmojoForCausalLM, batch: int, seq_len: int, vocab_size: int, device: torch.device, bf16: bool = False
+):
+    """One training step on fixed random tokens: forward (under bf16 autocast if asked), backward, AdamW update,
+    finished on the device."""
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=device.type == "cuda")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         synchronize(device)
 
@@ -52,7 +57,9 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
     steps = {}
     for member, config in configs.items():
         torch.manual_seed(0)
-        steps[member] = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device)
+        steps[member] = make_step(
+            BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device, args.bf16
+        )
     times: dict[str, list[float]] = {member: [] for member in configs}
     for round_index in range(args.repeats + 1):  # round 0 warms up
         for member, step in steps.items():
@@ -80,7 +87,7 @@ def profile_step(args: argparse.Namespace, seq_len: int) -> None:
     """Print where one training step of ``args.profile`` spends its time, operator by operator."""
     config = family_configs((args.profile,), **size_fields(args))[args.profile]
     batch = max(1, args.tokens // seq_len)
-    step = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device)
+    step = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device, args.bf16)
     step()
     with torch.profiler.profile() as profiler:
         step()
@@ -110,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--bf16", action="store_true", help="forward under bf16 autocast (default: fp32)")
     parser.add_argument("--profile", choices=FAMILY, help="also print the top operators of one step of this member")
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "bench": "throughput",
         "torch_version": torch.__version__,
         "device": args.device.type,
+        "autocast": "bf16" if args.bf16 else None,
         "machine": device_description(args.device),
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
