@@ -94,3 +94,22 @@ def test_an_unknown_file_fails_with_its_name(tmp_path, capsys):
         main([str(bad), "--out", str(tmp_path / "out")])
     assert stopped.value.code == 1
     assert "other.json: unknown benchmark 'latency'" in capsys.readouterr().err
+
+
+def test_breakdown_and_gpu_runs_are_described(results, tmp_path):
+    breakdown = {
+        "bench": "breakdown",
+        "threads": 1,
+        "seq_len": 2048,
+        "batch": 4,
+        "model": {"hidden_size": 128, "num_hidden_layers": 2, "window_size": 256, "memory_size": 64},
+        "ms": {"step W": 600.0, "step B": 1000.0, "attention W": 65.0, "attention B": 130.0, "ssm_scan": 50.0},
+        "measured B/W": 0.6,
+        "bound B/W": 0.72,
+    }
+    on_gpu = json.loads(results[2].read_text()) | {"device": "cuda", "machine": "NVIDIA H100 80GB HBM3"}
+    paths = [write(tmp_path / "breakdown.json", breakdown), write(tmp_path / "throughput_cuda.json", on_gpu)]
+    markdown = build_report(paths, tmp_path / "out").read_text()
+    assert "| bound B/W | 0.72 |" in markdown and "| attention B | 130.0 |" in markdown
+    assert "1 CPU thread." in markdown and "on NVIDIA H100 80GB HBM3" in markdown
+    assert (tmp_path / "out" / "breakdown.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -170,7 +170,8 @@ def _where(report: dict) -> str:
     """What ran a benchmark: its CPU threads, or the GPU (reports written before ``--device`` were CPU runs)."""
     if report.get("device", "cpu") == "cuda":
         return f"on {report['machine']}"
-    return f"{report['threads']} CPU threads"
+    threads = report["threads"]
+    return f"{threads} CPU thread{'' if threads == 1 else 's'}"
 
 
 def decode_section(report: dict, figure: Path) -> str:
@@ -206,11 +207,30 @@ def decode_section(report: dict, figure: Path) -> str:
     return f"{described}\n\n" + _table(["context", "member", "ms/token", "vs A", "cache KiB"], rows)
 
 
+def breakdown_section(report: dict, figure: Path) -> str:
+    ms = report["ms"]
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    axis.barh(list(ms)[::-1], list(ms.values())[::-1])
+    axis.set(xlabel="ms, forward + backward")
+    axis.set_title(f"B'MOJO against sliding window at T = {report['seq_len']}")
+    _save(fig, figure)
+    model = report["model"]
+    described = (
+        f"T = {report['seq_len']}, batch {report['batch']}, hidden {model['hidden_size']}, "
+        f"{model['num_hidden_layers']} layers, window {model['window_size']}, memory {model['memory_size']}; "
+        f"{_where(report)}. Steps are whole training steps; the rest is one layer's op or mixer."
+    )
+    rows = [[name, f"{value:.1f}"] for name, value in ms.items()]
+    rows += [["measured B/W", f"{report['measured B/W']:.2f}"], ["bound B/W", f"{report['bound B/W']:.2f}"]]
+    return f"{described}\n\n" + _table(["", "ms"], rows)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
     "mqar": ("Multi-query associative recall", mqar_section),
     "extrapolation": ("Length extrapolation", extrapolation_section),
     "throughput": ("Training throughput", throughput_section),
     "decode": ("Decoding", decode_section),
+    "breakdown": ("Where B'MOJO's training step differs from sliding window's", breakdown_section),
 }
 
 
