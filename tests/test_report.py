@@ -107,9 +107,13 @@ def test_breakdown_and_gpu_runs_are_described(results, tmp_path):
         "measured B/W": 0.6,
         "bound B/W": 0.72,
     }
-    on_gpu = json.loads(results[2].read_text()) | {"device": "cuda", "machine": "NVIDIA H100 80GB HBM3"}
+    on_gpu = json.loads(results[2].read_text()) | {
+        "device": "cuda",
+        "machine": "NVIDIA H100 80GB HBM3",
+        "autocast": "bf16",
+    }
     paths = [write(tmp_path / "breakdown.json", breakdown), write(tmp_path / "throughput_cuda.json", on_gpu)]
     markdown = build_report(paths, tmp_path / "out").read_text()
     assert "| bound B/W | 0.72 |" in markdown and "| attention B | 130.0 |" in markdown
-    assert "1 CPU thread." in markdown and "on NVIDIA H100 80GB HBM3" in markdown
+    assert "1 CPU thread." in markdown and "on NVIDIA H100 80GB HBM3, forward under bf16 autocast" in markdown
     assert (tmp_path / "out" / "breakdown.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -168,10 +168,11 @@ def throughput_section(report: dict, figure: Path) -> str:
 
 def _where(report: dict) -> str:
     """What ran a benchmark: its CPU threads, or the GPU (reports written before ``--device`` were CPU runs)."""
+    precision = ", forward under bf16 autocast" if report.get("autocast") == "bf16" else ""
     if report.get("device", "cpu") == "cuda":
-        return f"on {report['machine']}"
+        return f"on {report['machine']}{precision}"
     threads = report["threads"]
-    return f"{threads} CPU thread{'' if threads == 1 else 's'}"
+    return f"{threads} CPU thread{'' if threads == 1 else 's'}{precision}"
 
 
 def decode_section(report: dict, figure: Path) -> str:
