@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,11 @@ class Mamba2Mixer(nn.Module):
         )
         self.in_proj = nn.Linear(self.hidden_size, sum(self.in_proj_segments), bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True)
-        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
-        self.A_log = nn.Parameter(torch.empty(self.num_heads))
-        self.D = nn.Parameter(torch.empty(self.num_heads))
+        # Usable values for a mixer built on its own; a model's _init_weights draws dt at random instead.
+        dt = torch.exp(torch.linspace(math.log(config.ssm_dt_min), math.log(config.ssm_dt_max), self.num_heads))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.log(torch.linspace(1, 16, self.num_heads)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.inner_size, self.inner_size // self.num_groups, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.inner_size, self.hidden_size, bias=False)
 
