@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bmojo.ops.ssm_scan import ssm_scan
+from bmojo.ops.ssm_scan_chunked import _segment_sums_backward
 
 # Relative error max|a - b| / max|b| allowed against the fp32 naive reference. bf16 inputs are computed in
 # fp32 inside, so the error is the final rounding of y and of the gradients to bf16 (2^-8 relative).
@@ -177,3 +178,14 @@ def test_torch_path_ignores_an_enclosing_bf16_autocast():
         autocast = run_with_grads(inputs, backend="torch", chunk_size=16)
     for name, value in plain.items():
         torch.testing.assert_close(autocast[name], value, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("by_matmul", [False, True], ids=["cumsum", "matmul"])
+def test_segment_sums_backward_matches_its_definition(by_matmul):
+    grad_seg = torch.randn(3, 9, 9, generator=torch.Generator().manual_seed(0)).tril(-1)
+    # out[k] = Σ over t >= k > s of grad_seg[t, s], written as loops.
+    expected = torch.tensor(
+        [[sum(float(g[t, s]) for t in range(9) for s in range(9) if t >= k > s) for k in range(9)] for g in grad_seg]
+    )
+    actual = _segment_sums_backward(grad_seg.clone(), by_matmul=by_matmul)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
