@@ -1,11 +1,12 @@
 """Decode latency per token and cache memory against context length, every family member side by side.
 
-    python bench/decode.py [--contexts 512 1024 2048 4096 8192] [--tokens 16] [--json ...]
+    python bench/decode.py [--contexts 512 1024 2048 4096 8192] [--tokens 16] [--batch 1] [--json ...]
 
-For each context length L, every member (equal parameter count) prefills L random tokens with the parallel
-form, then decodes ``--tokens`` tokens one at a time from its cache; the median time of one decode step is
-reported with the cache size after the prefill (bytes of every tensor the cache holds). Members alternate
-token by token so a slow spell of a shared machine hits them alike.
+For each context length L, every member (equal parameter count) prefills ``--batch`` sequences of L random
+tokens with the parallel form, then decodes ``--tokens`` tokens one at a time from its cache; the median time
+of one decode step (all sequences of the batch) is reported with the cache size after the prefill (bytes of
+every tensor the cache holds). Members alternate token by token so a slow spell of a shared machine hits them
+alike.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def tensor_bytes(state: object) -> int:
 @torch.no_grad()
 def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, args.vocab_size, (1, context), generator=generator).to(args.device)
-    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, 1, 1), generator=generator).to(args.device)
+    prompt = torch.randint(0, args.vocab_size, (args.batch, context), generator=generator).to(args.device)
+    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, args.batch, 1), generator=generator)
+    next_tokens = next_tokens.to(args.device)
     models, caches, times = {}, {}, {}
     rows = {}
     for member, config in configs.items():
@@ -91,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per context (median reported)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (ms is per step of all)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_size_arguments(parser)
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": device_description(args.device),
         "threads": torch.get_num_threads(),
         "decoded_tokens": args.tokens,
+        "batch": args.batch,
         "model": size_fields(args),
         "parameters": {member: parameter_count(config) for member, config in configs.items()},
         "results": results,

@@ -80,6 +80,9 @@ def test_a_benchmark_given_twice_gets_a_section_per_file(results, tmp_path):
     markdown = build_report([results[3], second], tmp_path / "out").read_text()
     assert "## Decoding (decode)" in markdown and "## Decoding (decode_h256)" in markdown
     assert "Hidden 256, 2 layers" in markdown and (tmp_path / "out" / "decode_h256.png").is_file()
+    batched = write(tmp_path / "decode_batch8.json", wider | {"batch": 8})
+    markdown = build_report([batched], tmp_path / "out").read_text()
+    assert "median of 16 tokens, each a step of 8 sequences." in markdown
 
 
 def test_only_the_benchmarks_given_appear(results, tmp_path):

@@ -201,9 +201,11 @@ def decode_section(report: dict, figure: Path) -> str:
     axis.legend(fontsize=8)
     _save(fig, figure)
     model = report["model"]
+    batch = report.get("batch", 1)  # reports written before --batch decoded one sequence
     described = (
         f"Hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, window {model['window_size']}, "
-        f"memory {model['memory_size']}; {_where(report)}; median of {report['decoded_tokens']} tokens."
+        f"memory {model['memory_size']}; {_where(report)}; median of {report['decoded_tokens']} tokens"
+        + ("." if batch == 1 else f", each a step of {batch} sequences.")
     )
     return f"{described}\n\n" + _table(["context", "member", "ms/token", "vs A", "cache KiB"], rows)
 
