@@ -215,15 +215,30 @@ def test_tied_word_embeddings_share_storage(tmp_path):
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam_search"])
 @pytest.mark.parametrize("pattern", ["B", "MWFBA"])
-def test_generate_with_and_without_cache_agree(pattern):
+def test_generate_with_and_without_cache_agree(pattern, num_beams):
+    # Beam search reorders the cache's rows every step (BmojoCache.reorder_cache); 30 new tokens cross
+    # several memory blocks, with eviction.
     model = build(tiny_config(pattern, layers=max(2, len(pattern)), memory_threshold=0.0))
-    prompt = torch.randint(0, VOCAB, (2, 11))
-    kwargs = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    prompt = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, num_beams=num_beams)
     with_cache = model.generate(prompt, use_cache=True, **kwargs)
     without_cache = model.generate(prompt, use_cache=False, **kwargs)
     assert with_cache.shape == (2, 41)
     assert torch.equal(with_cache, without_cache)
+
+
+def test_selecting_and_repeating_cache_rows_continues_those_sequences():
+    model = build(tiny_config("MWFBA", layers=5, memory_threshold=0.0))
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model(ids[:, :20], use_cache=True).cache
+        cache.batch_repeat_interleave(2)  # rows: 0, 0, 1, 1
+        cache.batch_select_indices(torch.tensor([3, 0]))  # rows: 1, 0
+        stepwise = [model(ids[[1, 0], t : t + 1], cache=cache, use_cache=True).logits for t in range(20, 30)]
+        expected = model(ids[[1, 0]], use_cache=False).logits[:, 20:]
+    torch.testing.assert_close(torch.cat(stepwise, dim=1), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_auto_config_builds_a_small_valid_model():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,40 @@ class BmojoCache(Cache):
     @property
     def is_linear(self) -> list[bool]:
         return [True] * len(self.states)
+
+    # Generation strategies that reorder or repeat the sequences of a batch (beam search, contrastive search,
+    # assisted decoding) call these; every row of every layer's state follows its sequence.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Row ``i`` of the batch continues the sequence that was row ``beam_idx[i]``."""
+        self._map_rows(lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` of the batch, in that order."""
+        self._map_rows(lambda rows: rows.index_select(0, indices.to(rows.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every row of the batch ``repeats`` times in place (row ``i`` becomes rows ``i*repeats...``)."""
+        self._map_rows(lambda rows: rows.repeat_interleave(repeats, dim=0))
+
+    def _map_rows(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for state in self.states:
+            if state is not None:
+                _map_batch_tensors(state, transform)
+
+
+def _map_batch_tensors(state: object, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every tensor field of a layer state (and of the states nested in it) by ``transform`` of it.
+
+    All of them are batch-major. The one field shared by the batch, an attention state's RoPE tables, is a
+    tuple and stays; so do plain numbers (a memory's next reveal position: the smallest over the rows, which
+    selecting or repeating rows can only raise, so the old one stays a safe point to look again).
+    """
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        if isinstance(value, torch.Tensor):
+            setattr(state, field.name, transform(value))
+        elif dataclasses.is_dataclass(value):
+            _map_batch_tensors(value, transform)
 
 
 class BmojoBlock(nn.Module):
