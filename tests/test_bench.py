@@ -1,0 +1,48 @@
+"""The family benchmarks run end to end at toy sizes and write what the report reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import breakdown  # noqa: E402
+import decode  # noqa: E402
+import throughput  # noqa: E402
+
+TOY = ["--threads", "1", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--window", "16"]
+TOY += ["--memory-size", "8", "--vocab-size", "64"]
+
+
+def run(module, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{module.__name__}.json"
+    module.main([*TOY, *args, "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_throughput_compares_members_at_each_length(tmp_path):
+    report = run(
+        throughput, tmp_path, "--seq-lens", "32", "64", "--tokens", "128", "--repeats", "1", "--members", "W", "B"
+    )
+    assert [result["seq_len"] for result in report["results"]] == [32, 64]
+    for result in report["results"]:
+        assert result["members"]["W"]["vs_W"] == pytest.approx(1.0)
+        assert result["members"]["B"]["tokens_per_s"] > 0
+
+
+def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_path):
+    report = run(decode, tmp_path, "--contexts", "40", "80", "--tokens", "2", "--batch", "2", "--members", "A", "B")
+    short, long = (result["members"] for result in report["results"])
+    assert long["B"]["cache_bytes"] == short["B"]["cache_bytes"]
+    assert long["A"]["cache_bytes"] > short["A"]["cache_bytes"]
+    assert report["batch"] == 2 and short["A"]["vs_A"] == pytest.approx(1.0)
+
+
+def test_breakdown_gives_a_bound_above_zero(tmp_path):
+    report = run(breakdown, tmp_path, "--seq-len", "64", "--tokens", "128", "--repeats", "1")
+    assert {"step W", "step B", "attention W", "attention B", "ssm_scan"} <= set(report["ms"])
+    assert 0 < report["measured B/W"] and 0 < report["bound B/W"]
