@@ -1,5 +1,6 @@
-"""Building blocks: the norms' one-op inference path equals the composite autograd trains through; a Mamba-2
-mixer built on its own (outside a model's weight initialisation) is usable."""
+"""Building blocks: RoPE against its complex-number statement; the norms' one-op inference path equals the
+composite autograd trains through; a Mamba-2 mixer built on its own (outside a model's weight initialisation)
+is usable."""
 
 from __future__ import annotations
 
@@ -7,8 +8,23 @@ import pytest
 import torch
 
 from bmojo import BmojoConfig
-from bmojo.model.layers import GatedRMSNorm, RMSNorm
+from bmojo.model.layers import GatedRMSNorm, RMSNorm, RotaryEmbedding
 from bmojo.model.mamba2 import Mamba2Mixer
+
+
+def test_rope_rotates_each_pair_of_channels_by_its_position_times_its_frequency() -> None:
+    rope = RotaryEmbedding(8, theta=100.0)
+    x, positions = torch.randn(2, 5, 3, 8), torch.tensor([0, 1, 7, 30, 1000])
+    rotated = rope(x, rope.tables(positions))
+    # Rotate-half pairs channel i with channel i + D/2: the pair is the complex number x_i + j x_{i+D/2},
+    # multiplied by exp(j p theta^(-2i/D)).
+    frequencies = 100.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    phase = torch.polar(torch.ones(5, 4, dtype=torch.float64), positions[:, None].double() * frequencies)
+    pairs = torch.complex(x[..., :4].double(), x[..., 4:].double()) * phase[None, :, None, :]
+    torch.testing.assert_close(rotated.double(), torch.cat([pairs.real, pairs.imag], dim=-1), rtol=1e-5, atol=1e-4)
+    # Rows of the tables broadcast, as the one-token decode step uses them.
+    cos, sin = rope.tables(positions)
+    torch.testing.assert_close(rope(x[:, 3:4], (cos[0, 3], sin[0, 3])), rotated[:, 3:4])
 
 
 def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ class AttentionState:
     ``p % w``, waiting to fall behind the window; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output;
     block_scores: [B, Q_e] innovation ratios of the unfinished memory block at slot ``p % Q_e``; memory_reveal:
     [B, 1, 1, M] first query position that may read each memory slot (the entry has left the window), and
-    next_reveal the first of them still ahead; rope: cos and sign-folded sin (see :meth:`AttentionMixer._rotate`)
+    next_reveal the first of them still ahead; rope: :meth:`RotaryEmbedding.tables`
     of the ``ROPE_BLOCK`` positions around the next one, computed once a block instead of once a token.
     """
 
@@ -179,20 +179,10 @@ class AttentionMixer(nn.Module):
         return state
 
     def _rope_block(self, position: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for :meth:`_rotate` ([ROPE_BLOCK, 1, 1, Dh] each) of the block of positions holding ``position``."""
+        """RoPE tables ([ROPE_BLOCK, 1, 1, Dh] each) of the block of positions holding ``position``."""
         start = position - position % ROPE_BLOCK
-        cos, sin = self.rope.tables(torch.arange(start, start + ROPE_BLOCK, device=device))
-        half = self.head_dim // 2
-        signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        cos, signed_sin = self.rope.tables(torch.arange(start, start + ROPE_BLOCK, device=device))
         return cos.view(ROPE_BLOCK, 1, 1, -1), signed_sin.view(ROPE_BLOCK, 1, 1, -1)
-
-    def _rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """RoPE as :class:`RotaryEmbedding` applies it, in three ops: its rotate-half ``[-x2, x1]`` is ``roll(x)``
-        times the sign folded into the sin table. x: [B, 1, H, Dh], tables: a position's rows of
-        :meth:`_rope_block` -> same."""
-        cos, signed_sin = tables
-        x32 = x.float()
-        return torch.addcmul(x32 * cos, x32.roll(self.head_dim // 2, dims=-1), signed_sin).to(x.dtype)
 
     def _fill_fading(self, state: AttentionState, fk: torch.Tensor, fv: torch.Tensor) -> None:
         """Fading keys/values of a prefill (fk, fv: [B, T, Hkv, Dh]) into the state: the last w pending, the w
@@ -286,7 +276,7 @@ class AttentionMixer(nn.Module):
         k = k.view(batch, 1, -1, self.head_dim)  # [B, 1, n * Hkv, Dh]: the n key sets as heads
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rotate(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
+        q, k = self.rope(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
         # Query heads sharing a key head are rows of one query: SDPA reads each key head once, without copies.
         grouped = q.view(batch, self.num_kv_heads, -1, self.head_dim)
         per_set = (batch, -1, self.num_kv_heads, self.head_dim)

@@ -75,16 +75,17 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] (int) -> (cos, sin), each [1, T, 1, D]; computed once per layer call and shared by
-        queries, keys and fading keys at the same positions."""
+        """positions: [T] (int) -> (cos, signed sin), each [1, T, 1, D]; computed once per layer call and shared
+        by queries, keys and fading keys at the same positions. The sin table carries the sign of rotate-half
+        (``[-x2, x1]`` is ``roll(x, D/2)`` with its first half negated), so :meth:`forward` is three ops."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat([angles, angles], dim=-1)[None, :, None, :]
-        return angles.cos(), angles.sin()
+        sin = angles.sin()
+        signed_sin = torch.cat([-sin, sin], dim=-1)[None, :, None, :]
+        return torch.cat([angles, angles], dim=-1).cos()[None, :, None, :], signed_sin
 
     def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [B, T, H, D], tables: :meth:`tables` of its positions -> x rotated by its position, same dtype."""
-        cos, sin = tables
+        """x: [B, T, H, D], tables: :meth:`tables` of its positions (or rows of them that broadcast) -> x rotated
+        by its position, same dtype."""
+        cos, signed_sin = tables
         x32 = x.float()
-        half = x32.shape[-1] // 2
-        rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-        return (x32 * cos + rotated * sin).to(x.dtype)
+        return torch.addcmul(x32 * cos, x32.roll(x32.shape[-1] // 2, dims=-1), signed_sin).to(x.dtype)
