@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmojo.model.memory import MemoryFIFO, select_memory
+from bmojo.model.memory import (
+    InnovationPredictor,
+    MemoryFIFO,
+    innovation_ratio,
+    innovation_scores,
+    select_memory,
+)
 
 
 def reference_memory(scores: list[float], block: int, topk: int, threshold: float, size: int, query_blocks: int):
@@ -89,3 +95,14 @@ def test_memory_fifo_push_matches_the_rule_per_row():
             assert torch.equal(keys[b, :, slot], key) and torch.equal(values[b, :, slot], value)
     # The rule's hard case: rows of one push that accept different numbers of entries.
     assert any(len({n for i, _, n in accepted_counts if i == index}) > 1 for index in range(4))
+
+
+def test_innovation_ratio_is_the_unpredicted_share_of_the_input_in_both_paths():
+    predictor = InnovationPredictor(6, rank=None)
+    h, s_prev = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    err = h.double() - s_prev.double() @ predictor.proj.weight.double().T
+    expected = (err**2).sum(-1) / ((h.double() ** 2).sum(-1) + 1e-6)
+    iota, aux = innovation_scores(predictor, h, s_prev, 1e-6)
+    torch.testing.assert_close(iota.double(), expected)
+    torch.testing.assert_close(aux.double(), (err**2).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(innovation_ratio(predictor, h, s_prev, 1e-6).double(), expected)

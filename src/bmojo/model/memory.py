@@ -42,19 +42,23 @@ def innovation_scores(
     h_sg, s_sg = h.detach(), s_prev.detach()
     err = (h_sg - predictor(s_sg)).float()
     aux = err.pow(2).mean()
-    iota = err.detach().pow(2).sum(-1) / (h_sg.float().pow(2).sum(-1) + eps)
-    return iota, aux
+    return _ratio(err.detach(), h_sg, eps), aux
 
 
 @torch.no_grad()
 def innovation_ratio(
     predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The ratio ``iota`` of :func:`innovation_scores` alone, in fewer ops, for decoding (no aux loss).
+    """The ratio ``iota`` of :func:`innovation_scores` alone, for decoding (no aux loss).
 
     h, s_prev: [B, T, D] -> iota: [B, T] fp32, written into ``out`` if given (e.g. a slice of a score buffer).
     """
-    err, h32 = (h - predictor(s_prev)).float(), h.float()
+    return _ratio((h - predictor(s_prev)).float(), h, eps, out)
+
+
+def _ratio(err: torch.Tensor, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``||err||² / (||h||² + eps)`` per token: err [B, T, D] fp32, h [B, T, D] -> [B, T] fp32."""
+    h32 = h.float()
     return torch.div(torch.linalg.vecdot(err, err), torch.linalg.vecdot(h32, h32).add_(eps), out=out)
 
 
