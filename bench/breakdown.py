@@ -17,9 +17,6 @@ free. A target above the bound cannot be met by a faster implementation of the s
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +24,15 @@ import torch
 from throughput import make_step
 
 from bmojo import BmojoConfig, BmojoForCausalLM
-from bmojo.eval.family import add_size_arguments, family_configs, size_fields
+from bmojo.eval.family import (
+    add_run_arguments,
+    add_size_arguments,
+    family_configs,
+    median_seconds,
+    size_fields,
+    start_run,
+    write_report,
+)
 from bmojo.model.memory import select_memory
 from bmojo.ops import bmojo_attention, ssm_scan
 
@@ -106,31 +111,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / T)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_run_arguments(parser, device=False)
     add_size_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    cpu = start_run(args)
     torch.manual_seed(0)
     batch, length = max(1, args.tokens // args.seq_len), args.seq_len
-    configs, cpu = family_configs(("W", "B"), **size_fields(args)), torch.device("cpu")
+    configs = family_configs(("W", "B"), **size_fields(args))
     timed = {
         f"step {member}": make_step(BmojoForCausalLM(config).train(), batch, length, config.vocab_size, cpu)
         for member, config in configs.items()
     }
     timed |= component_steps(configs["B"], configs["W"], batch, length)
-    times: dict[str, list[float]] = {name: [] for name in timed}
-    for round_index in range(args.repeats + 1):  # round 0 warms up; round-robin so slow spells hit all alike
-        for name, run in timed.items():
-            start = time.perf_counter()
-            run()
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    ms = {name: 1e3 * seconds for name, seconds in median_seconds(timed, args.repeats).items()}
     layers = configs["B"].num_hidden_layers
     ideal_b = ms["step W"] + layers * (ms["attention B"] - ms["attention W"] + ms["ssm_scan"])
     summary = {"measured B/W": ms["step W"] / ms["step B"], "bound B/W": ms["step W"] / ideal_b}
@@ -139,11 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:<14} {value:8.1f} ms")
     for name, value in summary.items():
         print(f"  {name:<14} {value:8.2f}")
-    report = {"bench": "breakdown", "threads": torch.get_num_threads(), "seq_len": length, "batch": batch}
-    report |= {"model": size_fields(args), "ms": ms, **summary}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    write_report(args.json, "breakdown", cpu, seq_len=length, batch=batch, model=size_fields(args), ms=ms, **summary)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,13 +20,15 @@ import torch
 from bmojo import BmojoForCausalLM
 from bmojo.eval.family import (
     FAMILY,
+    add_run_arguments,
     add_size_arguments,
-    bench_device,
-    device_description,
     family_configs,
+    median_seconds,
     parameter_count,
     size_fields,
+    start_run,
     synchronize,
+    write_report,
 )
 
 
@@ -44,30 +43,34 @@ def tensor_bytes(state: object) -> int:
     return 0
 
 
+def decode_step(model: BmojoForCausalLM, cache, tokens: torch.Tensor, device: torch.device):
+    """Each call decodes the next of ``tokens`` ([N, B, 1]) from ``cache``, finished on the device."""
+    remaining = iter(tokens)
+
+    def step() -> None:
+        model(next(remaining), cache=cache, use_cache=True)
+        synchronize(device)
+
+    return step
+
+
 @torch.no_grad()
 def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (args.batch, context), generator=generator).to(args.device)
     next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, args.batch, 1), generator=generator)
     next_tokens = next_tokens.to(args.device)
-    models, caches, times = {}, {}, {}
-    rows = {}
+    steps, rows = {}, {}
     for member, config in configs.items():
         torch.manual_seed(0)
-        models[member] = BmojoForCausalLM(config).eval().to(args.device)
-        caches[member] = models[member](prompt, use_cache=True).cache
-        rows[member] = {"cache_bytes": tensor_bytes(caches[member].states)}
-        times[member] = []
-    for index in range(args.tokens + 1):  # token 0 warms up
-        for member, model in models.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            model(next_tokens[index], cache=caches[member], use_cache=True)
-            synchronize(args.device)
-            if index:
-                times[member].append(time.perf_counter() - start)
+        model = BmojoForCausalLM(config).eval().to(args.device)
+        cache = model(prompt, use_cache=True).cache
+        rows[member] = {"cache_bytes": tensor_bytes(cache.states)}
+        steps[member] = decode_step(model, cache, next_tokens, args.device)
+    # One token a round for every member: the first warms up, the next ``--tokens`` are timed.
+    seconds = median_seconds(steps, args.tokens)
     for member, row in rows.items():
-        row["ms_per_token"] = 1e3 * statistics.median(times[member])
+        row["ms_per_token"] = 1e3 * seconds[member]
     if "A" in rows:
         for row in rows.values():
             row["vs_A"] = row["ms_per_token"] / rows["A"]["ms_per_token"]
@@ -94,37 +97,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per context (median reported)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (ms is per step of all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_run_arguments(parser)
     add_size_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.device = bench_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args.device = start_run(args)
     configs = family_configs(tuple(args.members), **size_fields(args))
     results = []
     for context in args.contexts:
         results.append(bench_context(args, context, configs))
         print_table(results[-1:])
-    report = {
-        "bench": "decode",
-        "torch_version": torch.__version__,
-        "device": args.device.type,
-        "machine": device_description(args.device),
-        "threads": torch.get_num_threads(),
-        "decoded_tokens": args.tokens,
-        "batch": args.batch,
-        "model": size_fields(args),
-        "parameters": {member: parameter_count(config) for member, config in configs.items()},
-        "results": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    write_report(
+        args.json,
+        "decode",
+        args.device,
+        decoded_tokens=args.tokens,
+        batch=args.batch,
+        model=size_fields(args),
+        parameters={member: parameter_count(config) for member, config in configs.items()},
+        results=results,
+    )
 
 
 if __name__ == "__main__":

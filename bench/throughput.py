@@ -11,9 +11,6 @@ the Transformer (``A``) and to sliding-window attention (``W``) at the same leng
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,13 +18,15 @@ import torch
 from bmojo import BmojoForCausalLM
 from bmojo.eval.family import (
     FAMILY,
+    add_run_arguments,
     add_size_arguments,
-    bench_device,
-    device_description,
     family_configs,
+    median_seconds,
     parameter_count,
     size_fields,
+    start_run,
     synchronize,
+    write_report,
 )
 
 
@@ -60,21 +59,14 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
         steps[member] = make_step(
             BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device, args.bf16
         )
-    times: dict[str, list[float]] = {member: [] for member in configs}
-    for round_index in range(args.repeats + 1):  # round 0 warms up
-        for member, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_index:
-                times[member].append(time.perf_counter() - start)
+    seconds = median_seconds(steps, args.repeats)
     rows = {}
     for member, config in configs.items():
-        seconds = statistics.median(times[member])
         rows[member] = {
             "parameters": parameter_count(config),
             "intermediate_size": config.intermediate_size,
-            "step_s": seconds,
-            "tokens_per_s": batch * seq_len / seconds,
+            "step_s": seconds[member],
+            "tokens_per_s": batch * seq_len / seconds[member],
         }
     for reference in ("A", "W"):
         if reference in rows:
@@ -117,8 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch = tokens / T)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_run_arguments(parser)
     parser.add_argument("--bf16", action="store_true", help="forward under bf16 autocast (default: fp32)")
     parser.add_argument("--profile", choices=FAMILY, help="also print the top operators of one step of this member")
     add_size_arguments(parser)
@@ -127,30 +118,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.device = bench_device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args.device = start_run(args)
     results = []
     for seq_len in args.seq_lens:
         results.append(bench_length(args, seq_len))
         print_table(results[-1:])
         if args.profile:
             profile_step(args, seq_len)
-    report = {
-        "bench": "throughput",
-        "torch_version": torch.__version__,
-        "device": args.device.type,
-        "autocast": "bf16" if args.bf16 else None,
-        "machine": device_description(args.device),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "tokens_per_step": args.tokens,
-        "model": size_fields(args),
-        "results": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    write_report(
+        args.json,
+        "throughput",
+        args.device,
+        autocast="bf16" if args.bf16 else None,
+        repeats=args.repeats,
+        tokens_per_step=args.tokens,
+        model=size_fields(args),
+        results=results,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,8 +92,19 @@ def compose_bench_run(overrides: list[str], run_dir: Path, threads: int | None):
         return compose("config", overrides=[*overrides, f"run_dir={run_dir}", *quiet, *threads_override])
 
 
-def bench_device(name: str) -> torch.device:
-    """The device a benchmark runs on (``--device``), with a clear error when it is not there."""
+def add_run_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The options every family benchmark takes: ``--threads`` and, where it can run on a GPU, ``--device``."""
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+
+
+def start_run(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and return the device ``--device`` names (the CPU for a benchmark without it), with a
+    clear error when it is not there."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    name = getattr(args, "device", "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: no CUDA device is visible to PyTorch (torch {torch.__version__})")
@@ -103,10 +119,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_description(device: torch.device) -> str:
-    """What ran the benchmark, for its JSON: the GPU's name, or the CPU's."""
-    import platform
+def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """The median wall-clock time of each run over ``repeats`` rounds, after a warm-up round. Runs go
+    round-robin, one of each in turn, so a slow spell of a shared machine hits them all alike; each must
+    finish its device work itself (:func:`synchronize`)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+
+def write_report(path: Path, bench: str, device: torch.device, **fields) -> None:
+    """Write a benchmark's JSON: its kind, what ran it (torch version, device, threads), then ``fields``."""
+    machine = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
+    report = {"bench": bench, "torch_version": torch.__version__, "device": device.type, "machine": machine}
+    report |= {"threads": torch.get_num_threads(), **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
