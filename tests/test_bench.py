@@ -30,8 +30,9 @@ def test_throughput_compares_members_at_each_length(tmp_path):
     )
     assert [result["seq_len"] for result in report["results"]] == [32, 64]
     for result in report["results"]:
-        assert result["members"]["W"]["vs_W"] == pytest.approx(1.0)
-        assert result["members"]["B"]["tokens_per_s"] > 0
+        w, b = result["members"]["W"], result["members"]["B"]
+        assert b["parameters"] == pytest.approx(w["parameters"], rel=0.02)  # matched by their MLP widths
+        assert b["tokens_per_s"] > 0 and w["tokens_per_s"] > 0
 
 
 def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_path):
@@ -39,7 +40,7 @@ def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_pa
     short, long = (result["members"] for result in report["results"])
     assert long["B"]["cache_bytes"] == short["B"]["cache_bytes"]
     assert long["A"]["cache_bytes"] > short["A"]["cache_bytes"]
-    assert report["batch"] == 2 and short["A"]["vs_A"] == pytest.approx(1.0)
+    assert report["batch"] == 2 and report["device"] == "cpu" and short["B"]["ms_per_token"] > 0
 
 
 def test_breakdown_gives_a_bound_above_zero(tmp_path):
