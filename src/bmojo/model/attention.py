@@ -127,7 +127,7 @@ class AttentionMixer(nn.Module):
             extra.update(fading_k=fk, fading_v=fv)
             if state is not None:
                 self._fill_fading(state, fk, fv)
-                state.ssm, state.prev_s = ssm_state, s[:, -1:].clone()
+                state.ssm, state.prev_s = ssm_state, s[:, -1:].clone(memory_format=torch.contiguous_format)
         if self.predictor is not None:
             s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)
             iota, aux = innovation_scores(self.predictor, h, s_prev, self.innovation_eps)
@@ -222,15 +222,42 @@ class AttentionMixer(nn.Module):
         state.mask[..., self.memory_start :].masked_fill_(readable, 0.0)
         state.next_reveal = int(state.memory_reveal.masked_fill(readable, NEVER).min())
 
+    def before_token(self, position: int, state: AttentionState) -> None:
+        """What decoding the token at ``position`` changes in ``state`` whatever the token is: the RoPE tables of
+        a new block of positions, and which slots its query may read. Called before :meth:`step`.
+
+        Kept apart from :meth:`step` so that the step has no branch on the position: a compiled step
+        (:meth:`BmojoModel.compile_decoding`) then stays one graph at every position.
+        """
+        if position % ROPE_BLOCK == 0:
+            state.rope = self._rope_block(position, state.keys.device)
+        if self.window is None:
+            return
+        if self.ring > self.window or position < self.ring:
+            state.mask[..., position % self.ring] = 0.0
+        if self.ring > self.window and position >= self.window:
+            # Kept in the ring for the memory block, but outside the window.
+            state.mask[..., (position - self.window) % self.ring] = float("-inf")
+        if self.ssm is not None and self.window <= position < 2 * self.window:
+            # The fading key of position - w enters its slot behind the window.
+            state.mask[..., self.ring + position % self.window] = 0.0
+        if self.predictor is not None and position >= state.next_reveal:
+            self._reveal_memory(state, position)
+
+    def after_token(self, position: int, state: AttentionState) -> None:
+        """Bookkeeping after :meth:`step` at ``position``: a finished memory block joins the memory."""
+        if self.predictor is not None and (position + 1) % self.memory_block == 0:
+            self._push_block(state, position)
+
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
-        """Recurrent form for the token at ``position``. h: [B, 1, D] -> out: [B, 1, D]; updates ``state``."""
+        """Recurrent form for the token at ``position``, between :meth:`before_token` and :meth:`after_token`.
+        h: [B, 1, D] -> out: [B, 1, D]; writes the token's keys, values and SSM state into ``state``."""
         offset = position % ROPE_BLOCK
-        if offset == 0:
-            state.rope = self._rope_block(position, h.device)
+        rope = (state.rope[0][offset], state.rope[1][offset])
         if self.window is None:
             # Full attention's cache grows with the context (the baseline the windowed letters avoid): one more
             # key and value each token, appended the way a Hugging Face dynamic cache appends them.
-            q, keys, values = self._step_projections(h, None, (state.rope[0][offset], state.rope[1][offset]))
+            q, keys, values = self._step_projections(h, None, rope)
             state.keys = torch.cat([state.keys, keys[0].unsqueeze(2)], dim=2)
             state.values = torch.cat([state.values, values[0].unsqueeze(2)], dim=2)
             out = F.scaled_dot_product_attention(q, state.keys, state.values)
@@ -238,23 +265,26 @@ class AttentionMixer(nn.Module):
         s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-        cos, signed_sin = state.rope
-        q, keys, values = self._step_projections(h, s, (cos[offset], signed_sin[offset]))
-        self._write_local(state, position, keys[0], values[0])
+        q, keys, values = self._step_projections(h, s, rope)
+        slot = position % self.ring
+        state.keys.select(2, slot).copy_(keys[0])
+        state.values.select(2, slot).copy_(values[0])
         if s is not None:
-            self._write_fading(state, position, keys[1], values[1])
+            # The fading key of position - w falls behind the window into the slot that held position - 2w.
+            slot = position % self.window
+            state.keys.select(2, self.ring + slot).copy_(state.pending_keys.select(2, slot))
+            state.values.select(2, self.ring + slot).copy_(state.pending_values.select(2, slot))
+            state.pending_keys.select(2, slot).copy_(keys[1])
+            state.pending_values.select(2, slot).copy_(values[1])
         if self.predictor is not None:
             slot = position % self.memory_block
-            innovation_ratio(
-                self.predictor, h, state.prev_s, self.innovation_eps, out=state.block_scores[:, slot : slot + 1]
-            )
+            ratio = innovation_ratio(self.predictor, h, state.prev_s, self.innovation_eps)
+            state.block_scores[:, slot : slot + 1] = ratio
             state.prev_s = s
-            if position >= state.next_reveal:
-                self._reveal_memory(state, position)
-        full = self.unmasked_from is not None and position >= self.unmasked_from
+        # Once every slot is visible the mask can be left out; a compiled step keeps it, since the switch would
+        # compile the step again for each range of positions.
+        full = not torch.compiler.is_compiling() and self.unmasked_from is not None and position >= self.unmasked_from
         out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=None if full else state.mask)
-        if self.predictor is not None and (position + 1) % self.memory_block == 0:
-            self._push_block(state, position)
         return self.o_proj(out.reshape(h.shape[0], 1, -1))
 
     def _step_projections(
@@ -281,28 +311,6 @@ class AttentionMixer(nn.Module):
         grouped = q.view(batch, self.num_kv_heads, -1, self.head_dim)
         per_set = (batch, -1, self.num_kv_heads, self.head_dim)
         return grouped, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
-
-    def _write_local(self, state: AttentionState, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store the token's local key/value (k, v: [B, Hkv, Dh]) and show the query its window."""
-        slot = position % self.ring
-        state.keys.select(2, slot).copy_(k)
-        state.values.select(2, slot).copy_(v)
-        if self.ring > self.window or position < self.ring:
-            state.mask[..., slot] = 0.0
-        if self.ring > self.window and position >= self.window:
-            # Kept in the ring for the memory block, but outside the window.
-            state.mask[..., (position - self.window) % self.ring] = float("-inf")
-
-    def _write_fading(self, state: AttentionState, position: int, fk: torch.Tensor, fv: torch.Tensor) -> None:
-        """Store the token's fading key/value (fk, fv: [B, Hkv, Dh]); the one of ``position - w`` falls behind
-        the window into the slot that held ``position - 2w``."""
-        slot = position % self.window
-        state.keys.select(2, self.ring + slot).copy_(state.pending_keys.select(2, slot))
-        state.values.select(2, self.ring + slot).copy_(state.pending_values.select(2, slot))
-        state.pending_keys.select(2, slot).copy_(fk)
-        state.pending_values.select(2, slot).copy_(fv)
-        if self.window <= position < 2 * self.window:
-            state.mask[..., self.ring + slot] = 0.0
 
     def _push_block(self, state: AttentionState, position: int) -> None:
         """The memory block ending at ``position`` is finished: its accepted tokens join the memory."""

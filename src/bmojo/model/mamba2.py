@@ -114,7 +114,8 @@ class Mamba2Mixer(nn.Module):
         ssm.addcmul_((x * dt.view(*grouped, 1)).unsqueeze(-1), b.view(batch, groups, 1, 1, state_size))
         y = (ssm @ c.view(batch, groups, 1, state_size, 1)).view(batch, self.num_heads, self.head_dim)
         y = torch.addcmul(y, self.D.view(-1, 1), x.view(batch, self.num_heads, self.head_dim))
-        return y.flatten(1).to(xbc.dtype), SSMState(conv=window[..., 1:], ssm=ssm.flatten(1, 2))
+        # Contiguous like the prefill's conv state, so a compiled step sees one layout.
+        return y.flatten(1).to(xbc.dtype), SSMState(conv=window[..., 1:].contiguous(), ssm=ssm.flatten(1, 2))
 
     def _causal_conv(self, conv_in: torch.Tensor) -> torch.Tensor:
         """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C].

@@ -46,20 +46,18 @@ def innovation_scores(
 
 
 @torch.no_grad()
-def innovation_ratio(
-    predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def innovation_ratio(predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float) -> torch.Tensor:
     """The ratio ``iota`` of :func:`innovation_scores` alone, for decoding (no aux loss).
 
-    h, s_prev: [B, T, D] -> iota: [B, T] fp32, written into ``out`` if given (e.g. a slice of a score buffer).
+    h, s_prev: [B, T, D] -> iota: [B, T] fp32.
     """
-    return _ratio((h - predictor(s_prev)).float(), h, eps, out)
+    return _ratio((h - predictor(s_prev)).float(), h, eps)
 
 
-def _ratio(err: torch.Tensor, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def _ratio(err: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
     """``||err||² / (||h||² + eps)`` per token: err [B, T, D] fp32, h [B, T, D] -> [B, T] fp32."""
     h32 = h.float()
-    return torch.div(torch.linalg.vecdot(err, err), torch.linalg.vecdot(h32, h32).add_(eps), out=out)
+    return torch.linalg.vecdot(err, err) / torch.linalg.vecdot(h32, h32).add_(eps)
 
 
 def block_candidates(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,24 +97,30 @@ class BmojoBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: BmojoCache | None = None, layer_idx: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, T, D] -> (x: [B, T, D], unweighted aux loss of a B mixer or None); updates ``cache``."""
+        """Parallel form. x: [B, T, D] -> (x: [B, T, D], unweighted aux loss of a B mixer or None); with a
+        ``cache``, stores the layer's state after the last token in it (a prefill)."""
         h = self.mixer_norm(x)
         aux = None
         if isinstance(self.mixer, Mamba2Mixer):
-            state = cache.states[layer_idx] if cache is not None else None
-            mixed, state = self.mixer(h, state)
-            if cache is not None:
-                cache.states[layer_idx] = state
-        elif cache is None or cache.states[layer_idx] is None:
-            mixed, aux, state = self.mixer(h, want_state=cache is not None)
-            if cache is not None:
-                cache.states[layer_idx] = state
+            mixed, state = self.mixer(h)
         else:
-            start, state = cache.seen_tokens, cache.states[layer_idx]
-            steps = [self.mixer.step(h[:, i : i + 1], start + i, state) for i in range(h.shape[1])]
-            mixed = steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
+            mixed, aux, state = self.mixer(h, want_state=cache is not None)
+        if cache is not None:
+            cache.states[layer_idx] = state
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), aux
+
+    def step(
+        self, x: torch.Tensor, state: SSMState | AttentionState, position: int
+    ) -> tuple[torch.Tensor, SSMState | AttentionState]:
+        """Recurrent form of one token at ``position``. x: [B, 1, D] -> (x: [B, 1, D], the layer's next state)."""
+        h = self.mixer_norm(x)
+        if isinstance(self.mixer, Mamba2Mixer):
+            mixed, state = self.mixer(h, state)
+        else:
+            mixed = self.mixer.step(h, position, state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
 
 
 @dataclass
@@ -176,7 +183,48 @@ class BmojoModel(BmojoPreTrainedModel):
         self.layers = nn.ModuleList(BmojoBlock(config, letter) for letter in config.layer_letters)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Set by compile_decoding: a compiled BmojoModel.token_step (a function of the model, so copies share it).
+        self._compiled_token_step: Callable | None = None
         self.post_init()
+
+    def compile_decoding(self, **compile_options) -> None:
+        """Decode every token through one ``torch.compile``'d graph of all layers' recurrent steps.
+
+        Decoding a token is bound by the number of small ops it launches (one sequence, CPU or GPU); compiling
+        the whole step fuses them. What depends on the position rather than on the token (RoPE tables, which
+        slots a query sees, memory pushes) runs eagerly around the graph, so the step compiles a few variants
+        in its first few hundred tokens (the first position, then any position, and the positions that start a
+        ring of slots) and then none; a new batch size compiles again. ``compile_options`` go to
+        ``torch.compile`` (``fullgraph=True`` unless given). Outputs equal eager decoding's.
+        """
+        # Compiled code is cached per code object, and the number of variants kept per code object is capped
+        # (torch._dynamo.config.recompile_limit): a copy of token_step's code gives this model its own cache,
+        # so models of other sizes in the same process do not crowd it out.
+        code = BmojoModel.token_step.__code__.replace()
+        step = types.FunctionType(code, BmojoModel.token_step.__globals__, "token_step")
+        self._compiled_token_step = torch.compile(step, **{"fullgraph": True, **compile_options})
+
+    def token_step(self, x: torch.Tensor, states: list, position: int) -> torch.Tensor:
+        """One token at ``position`` through every layer's recurrent step and the final norm (between each
+        attention layer's ``before_token`` and ``after_token``). x: [B, 1, D] -> [B, 1, D]; updates ``states``."""
+        for idx, block in enumerate(self.layers):
+            x, states[idx] = block.step(x, states[idx], position)
+        return self.norm(x)
+
+    def _decode(self, x: torch.Tensor, cache: BmojoCache) -> torch.Tensor:
+        """Recurrent form, token by token, continuing ``cache``: x: [B, T, D] embedded tokens -> normed hidden
+        states [B, T, D]."""
+        step = self._compiled_token_step or BmojoModel.token_step
+        attention = [idx for idx, block in enumerate(self.layers) if isinstance(block.mixer, AttentionMixer)]
+        outputs = []
+        for i in range(x.shape[1]):
+            position = cache.seen_tokens + i
+            for idx in attention:
+                self.layers[idx].mixer.before_token(position, cache.states[idx])
+            outputs.append(step(self, x[:, i : i + 1], cache.states, position))
+            for idx in attention:
+                self.layers[idx].mixer.after_token(position, cache.states[idx])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -208,17 +256,21 @@ class BmojoModel(BmojoPreTrainedModel):
             cache = BmojoCache(self.config)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         aux_total = x.new_zeros((), dtype=torch.float32)
-        for idx, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and cache is None:
-                x, aux = self._gradient_checkpointing_func(block.__call__, x, None, idx)
-            else:
-                x, aux = block(x, cache, idx)
-            if aux is not None:
-                aux_total = aux_total + aux
+        if cache is not None and cache.seen_tokens:  # continuing: the recurrent form
+            hidden = self._decode(x, cache)
+        else:  # the parallel form, filling a cache if one is given (a prefill)
+            for idx, block in enumerate(self.layers):
+                if self.gradient_checkpointing and self.training and cache is None:
+                    x, aux = self._gradient_checkpointing_func(block.__call__, x, None, idx)
+                else:
+                    x, aux = block(x, cache, idx)
+                if aux is not None:
+                    aux_total = aux_total + aux
+            hidden = self.norm(x)
         if cache is not None:
             cache.seen_tokens += x.shape[1]
         return BmojoOutput(
-            last_hidden_state=self.norm(x),
+            last_hidden_state=hidden,
             cache=cache if use_cache else None,
             aux_loss=aux_total * self.config.aux_loss_weight,
         )
@@ -244,6 +296,11 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def compile_decoding(self, **compile_options) -> None:
+        """Decode through a compiled step of all layers (:meth:`BmojoModel.compile_decoding`); ``generate`` and
+        every call that continues a cache use it."""
+        self.model.compile_decoding(**compile_options)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=None, **kwargs):
         # The cache holds everything already seen, so only the unseen tail of input_ids is fed.
