@@ -6,7 +6,8 @@ For each context length L, every member (equal parameter count) prefills ``--bat
 tokens with the parallel form, then decodes ``--tokens`` tokens one at a time from its cache; the median time
 of one decode step (all sequences of the batch) is reported with the cache size after the prefill (bytes of
 every tensor the cache holds). Members alternate token by token so a slow spell of a shared machine hits them
-alike.
+alike. ``--compile`` decodes every member through its compiled step (``compile_decoding``); the variants it
+compiles in its first tokens are left out of the timing by ``--warmup`` tokens first.
 """
 
 from __future__ import annotations
@@ -55,18 +56,19 @@ def decode_step(model: BmojoForCausalLM, cache, tokens: torch.Tensor, device: to
 
 
 @torch.no_grad()
-def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict:
+def bench_context(args: argparse.Namespace, context: int, models: dict[str, BmojoForCausalLM]) -> dict:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab_size, (args.batch, context), generator=generator).to(args.device)
-    next_tokens = torch.randint(0, args.vocab_size, (args.tokens + 1, args.batch, 1), generator=generator)
+    # One warm-up token a member in median_seconds' first round, plus --warmup more before it.
+    next_tokens = torch.randint(0, args.vocab_size, (args.warmup + args.tokens + 1, args.batch, 1), generator=generator)
     next_tokens = next_tokens.to(args.device)
     steps, rows = {}, {}
-    for member, config in configs.items():
-        torch.manual_seed(0)
-        model = BmojoForCausalLM(config).eval().to(args.device)
+    for member, model in models.items():
         cache = model(prompt, use_cache=True).cache
         rows[member] = {"cache_bytes": tensor_bytes(cache.states)}
         steps[member] = decode_step(model, cache, next_tokens, args.device)
+        for _ in range(args.warmup):
+            steps[member]()
     # One token a round for every member: the first warms up, the next ``--tokens`` are timed.
     seconds = median_seconds(steps, args.tokens)
     for member, row in rows.items():
@@ -75,6 +77,17 @@ def bench_context(args: argparse.Namespace, context: int, configs: dict) -> dict
         for row in rows.values():
             row["vs_A"] = row["ms_per_token"] / rows["A"]["ms_per_token"]
     return {"context": context, "members": rows}
+
+
+def build_models(args: argparse.Namespace, configs: dict) -> dict[str, BmojoForCausalLM]:
+    """Every member once, for all contexts (a compiled step compiles once, not once per context)."""
+    models = {}
+    for member, config in configs.items():
+        torch.manual_seed(0)
+        models[member] = BmojoForCausalLM(config).eval().to(args.device)
+        if args.compile:
+            models[member].compile_decoding()
+    return models
 
 
 def print_table(results: list[dict]) -> None:
@@ -97,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
     parser.add_argument("--tokens", type=int, default=16, help="decoded tokens per context (median reported)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (ms is per step of all)")
+    parser.add_argument("--compile", action="store_true", help="decode through compiled steps (compile_decoding)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed tokens first (default: 0, or 4 compiled)")
     add_run_arguments(parser)
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -105,10 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.device = start_run(args)
+    if args.warmup is None:
+        args.warmup = 4 if args.compile else 0
     configs = family_configs(tuple(args.members), **size_fields(args))
+    models = build_models(args, configs)
     results = []
     for context in args.contexts:
-        results.append(bench_context(args, context, configs))
+        results.append(bench_context(args, context, models))
         print_table(results[-1:])
     write_report(
         args.json,
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device,
         decoded_tokens=args.tokens,
         batch=args.batch,
+        compiled=args.compile,
+        warmup_tokens=args.warmup,
         model=size_fields(args),
         parameters={member: parameter_count(config) for member, config in configs.items()},
         results=results,

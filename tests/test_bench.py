@@ -43,6 +43,13 @@ def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_pa
     assert report["batch"] == 2 and report["device"] == "cpu" and short["B"]["ms_per_token"] > 0
 
 
+@pytest.mark.slow
+def test_decode_compiled_times_every_member_after_its_warm_up(tmp_path):
+    report = run(decode, tmp_path, "--contexts", "40", "--tokens", "2", "--members", "A", "B", "--compile")
+    assert report["compiled"] and report["warmup_tokens"] == 4
+    assert all(row["ms_per_token"] > 0 for row in report["results"][0]["members"].values())
+
+
 def test_breakdown_gives_a_bound_above_zero(tmp_path):
     report = run(breakdown, tmp_path, "--seq-len", "64", "--tokens", "128", "--repeats", "1")
     assert {"step W", "step B", "attention W", "attention B", "ssm_scan"} <= set(report["ms"])

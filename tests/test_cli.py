@@ -60,7 +60,12 @@ def test_export_generate_and_eval_work_on_a_trained_run(tiny_config, tmp_path, c
     with torch.no_grad():
         assert torch.equal(exported.eval()(ids).logits, checkpointed.eval()(ids).logits)
 
+    capsys.readouterr()
     generate_cli.main([str(tmp_path / "hf"), "--prompt", "the cat", "--max-new-tokens", "5"])
+    sampled = capsys.readouterr().out
+    generate_cli.main([str(tmp_path / "hf"), "--prompt", "the cat", "--max-new-tokens", "5", "--compile"])
+    assert capsys.readouterr().out == sampled, "compiled decoding sampled other tokens"
+    print(sampled)
     eval_cli.main([str(summary.run_dir), "--lengths", "32", "64", "--batches", "1"])
     out = capsys.readouterr().out
     assert "the cat" in out

@@ -16,9 +16,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through a compiled step (faster per token after a few seconds of compiling; needs a C++ "
+        "compiler on a CPU)",
+    )
     args = parser.parse_args(argv)
     with user_errors("bmojo-generate"):
         model, tokenizer = load_model_and_tokenizer(args.model)
+        if args.compile:
+            model.compile_decoding()
         text = generate_sample(
             model, tokenizer, args.prompt, args.max_new_tokens, args.seed, args.temperature, args.top_k
         )
