@@ -82,7 +82,11 @@ def test_a_benchmark_given_twice_gets_a_section_per_file(results, tmp_path):
     assert "Hidden 256, 2 layers" in markdown and (tmp_path / "out" / "decode_h256.png").is_file()
     batched = write(tmp_path / "decode_batch8.json", wider | {"batch": 8})
     markdown = build_report([batched], tmp_path / "out").read_text()
-    assert "median of 16 tokens, each a step of 8 sequences." in markdown
+    assert "median of 16 tokens, each a step of 8 sequences; eager steps." in markdown
+    compiled = write(tmp_path / "decode_compiled.json", wider | {"compiled": True, "warmup_tokens": 4})
+    markdown = build_report([compiled], tmp_path / "out").read_text()
+    assert "median of 16 tokens; every member through its compiled step" in markdown
+    assert "timed after 4 warm-up tokens." in markdown
 
 
 def test_only_the_benchmarks_given_appear(results, tmp_path):

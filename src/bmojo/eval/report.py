@@ -197,7 +197,7 @@ def decode_section(report: dict, figure: Path) -> str:
         axis.plot(*zip(*series[member], strict=True), marker="o", label=_name(member))
     axis.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decoded token")
     _label_ticks(axis, [result["context"] for result in report["results"]])
-    axis.set_title("decoding one token from the cache")
+    axis.set_title("decoding one token from the cache" + (", compiled steps" if report.get("compiled") else ""))
     axis.legend(fontsize=8)
     _save(fig, figure)
     model = report["model"]
@@ -205,7 +205,13 @@ def decode_section(report: dict, figure: Path) -> str:
     described = (
         f"Hidden {model['hidden_size']}, {model['num_hidden_layers']} layers, window {model['window_size']}, "
         f"memory {model['memory_size']}; {_where(report)}; median of {report['decoded_tokens']} tokens"
-        + ("." if batch == 1 else f", each a step of {batch} sequences.")
+        + ("" if batch == 1 else f", each a step of {batch} sequences")
+        + (
+            f"; every member through its compiled step (`compile_decoding`), timed after {report['warmup_tokens']} "
+            "warm-up tokens."
+            if report.get("compiled")
+            else "; eager steps."
+        )
     )
     return f"{described}\n\n" + _table(["context", "member", "ms/token", "vs A", "cache KiB"], rows)
 
