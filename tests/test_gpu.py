@@ -7,7 +7,8 @@ import pytest
 import test_attention_op as attention_cases
 import test_ssm_scan as scan_cases
 import torch
-from test_model import SEQ_LEN, VOCAB, tiny_config
+from test_compiled_decoding import PREFILL, decode
+from test_model import SEQ_LEN, VOCAB, build, tiny_config
 
 from bmojo import BmojoForCausalLM
 
@@ -90,3 +91,13 @@ def test_token_by_token_decoding_on_cuda_matches_parallel(pattern: str) -> None:
             cache = out.cache
             stepwise.append(out.logits)
     torch.testing.assert_close(torch.cat(stepwise, dim=1), parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_decoding_on_cuda_matches_eager() -> None:
+    config = tiny_config("MWFBA", layers=5, memory_threshold=0.0)
+    ids = torch.randint(0, VOCAB, (2, PREFILL + 70), generator=torch.Generator().manual_seed(9)).cuda()
+    eager, _ = decode(build(config).cuda(), ids)
+    model = build(config).cuda()
+    model.compile_decoding()
+    compiled, _ = decode(model, ids)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -266,16 +266,23 @@ class AttentionMixer(nn.Module):
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
         q, keys, values = self._step_projections(h, s, rope)
-        slot = position % self.ring
-        state.keys.select(2, slot).copy_(keys[0])
-        state.values.select(2, slot).copy_(values[0])
-        if s is not None:
-            # The fading key of position - w falls behind the window into the slot that held position - 2w.
+        if s is None:
+            slot = position % self.ring
+            state.keys.select(2, slot).copy_(keys[0])
+            state.values.select(2, slot).copy_(values[0])
+        else:
+            # The token's local key goes to its ring slot; the fading key of position - w falls behind the window
+            # into the slot that held position - 2w, and the token's own fading key waits in its place. One
+            # index_copy_ per buffer: PyTorch 2.9 and 2.11 compile two position-dependent writes into one buffer
+            # wrongly on the CPU (2.13 does not; tests/test_compiled_decoding.py catches it).
             slot = position % self.window
-            state.keys.select(2, self.ring + slot).copy_(state.pending_keys.select(2, slot))
-            state.values.select(2, self.ring + slot).copy_(state.pending_values.select(2, slot))
-            state.pending_keys.select(2, slot).copy_(keys[1])
-            state.pending_values.select(2, slot).copy_(values[1])
+            slots = torch.tensor([position % self.ring, self.ring + slot], device=h.device)
+            for buffer, pending, new in (
+                (state.keys, state.pending_keys, keys),
+                (state.values, state.pending_values, values),
+            ):
+                buffer.index_copy_(2, slots, torch.stack([new[0], pending.select(2, slot)], dim=2))
+                pending.select(2, slot).copy_(new[1])
         if self.predictor is not None:
             slot = position % self.memory_block
             ratio = innovation_ratio(self.predictor, h, state.prev_s, self.innovation_eps)
