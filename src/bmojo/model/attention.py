@@ -266,23 +266,25 @@ class AttentionMixer(nn.Module):
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
         q, keys, values = self._step_projections(h, s, rope)
-        if s is None:
-            slot = position % self.ring
-            state.keys.select(2, slot).copy_(keys[0])
-            state.values.select(2, slot).copy_(values[0])
-        else:
-            # The token's local key goes to its ring slot; the fading key of position - w falls behind the window
-            # into the slot that held position - 2w, and the token's own fading key waits in its place. One
-            # index_copy_ per buffer: PyTorch 2.9 and 2.11 compile two position-dependent writes into one buffer
-            # wrongly on the CPU (2.13 does not; tests/test_compiled_decoding.py catches it).
-            slot = position % self.window
-            slots = torch.tensor([position % self.ring, self.ring + slot], device=h.device)
-            for buffer, pending, new in (
-                (state.keys, state.pending_keys, keys),
-                (state.values, state.pending_values, values),
-            ):
-                buffer.index_copy_(2, slots, torch.stack([new[0], pending.select(2, slot)], dim=2))
-                pending.select(2, slot).copy_(new[1])
+        local, fading = position % self.ring, position % self.window
+        for buffer, pending, new in (
+            (state.keys, state.pending_keys, keys),
+            (state.values, state.pending_values, values),
+        ):
+            if s is None:
+                buffer.select(2, local).copy_(new[0])
+                continue
+            # The token's local key goes to its ring slot, the fading key of position - w falls behind the window
+            # into the slot that held position - 2w, and the token's own fading key waits in its place.
+            if torch.compiler.is_compiling():
+                # One write into the buffer: PyTorch 2.9 and 2.11 compile two writes at position-dependent slots
+                # of one buffer wrongly on the CPU (2.13 does not); eagerly two selects are cheaper.
+                slots = torch.tensor([local, self.ring + fading], device=h.device)
+                buffer.index_copy_(2, slots, torch.stack([new[0], pending.select(2, fading)], dim=2))
+            else:
+                buffer.select(2, local).copy_(new[0])
+                buffer.select(2, self.ring + fading).copy_(pending.select(2, fading))
+            pending.select(2, fading).copy_(new[1])
         if self.predictor is not None:
             slot = position % self.memory_block
             ratio = innovation_ratio(self.predictor, h, state.prev_s, self.innovation_eps)
