@@ -50,15 +50,24 @@ def make_step(
     return step
 
 
+def build_model(config, compile_blocks: bool) -> BmojoForCausalLM:
+    """A member in training mode; with ``compile_blocks`` every block ``torch.compile``'d (as torchtitan applies
+    it: per block, from outside the model code)."""
+    torch.manual_seed(0)
+    model = BmojoForCausalLM(config).train()
+    if compile_blocks:
+        for block in model.model.layers:
+            block.compile()
+    return model
+
+
 def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
     batch = max(1, args.tokens // seq_len)
     configs = family_configs(tuple(args.members), **size_fields(args))
     steps = {}
     for member, config in configs.items():
-        torch.manual_seed(0)
-        steps[member] = make_step(
-            BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device, args.bf16
-        )
+        model = build_model(config, args.compile)
+        steps[member] = make_step(model, batch, seq_len, config.vocab_size, args.device, args.bf16)
     seconds = median_seconds(steps, args.repeats)
     rows = {}
     for member, config in configs.items():
@@ -79,7 +88,8 @@ def profile_step(args: argparse.Namespace, seq_len: int) -> None:
     """Print where one training step of ``args.profile`` spends its time, operator by operator."""
     config = family_configs((args.profile,), **size_fields(args))[args.profile]
     batch = max(1, args.tokens // seq_len)
-    step = make_step(BmojoForCausalLM(config).train(), batch, seq_len, config.vocab_size, args.device, args.bf16)
+    model = build_model(config, args.compile)
+    step = make_step(model, batch, seq_len, config.vocab_size, args.device, args.bf16)
     step()
     with torch.profiler.profile() as profiler:
         step()
@@ -111,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     add_run_arguments(parser)
     parser.add_argument("--bf16", action="store_true", help="forward under bf16 autocast (default: fp32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (compiled in the warm-up)")
     parser.add_argument("--profile", choices=FAMILY, help="also print the top operators of one step of this member")
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "throughput",
         args.device,
         autocast="bf16" if args.bf16 else None,
+        compiled=args.compile,
         repeats=args.repeats,
         tokens_per_step=args.tokens,
         model=size_fields(args),

@@ -44,6 +44,14 @@ def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_pa
 
 
 @pytest.mark.slow
+def test_throughput_with_compiled_blocks(tmp_path):
+    report = run(
+        throughput, tmp_path, "--seq-lens", "32", "--tokens", "64", "--repeats", "1", "--members", "B", "--compile"
+    )
+    assert report["compiled"] and report["results"][0]["members"]["B"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
 def test_decode_compiled_times_every_member_after_its_warm_up(tmp_path):
     report = run(decode, tmp_path, "--contexts", "40", "--tokens", "2", "--members", "A", "B", "--compile")
     assert report["compiled"] and report["warmup_tokens"] == 4

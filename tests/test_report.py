@@ -93,6 +93,9 @@ def test_only_the_benchmarks_given_appear(results, tmp_path):
     markdown = build_report(results[2:3], tmp_path / "out").read_text()
     assert "Training throughput" in markdown and "associative recall" not in markdown
     assert not (tmp_path / "out" / "mqar.png").exists()
+    assert "every block compiled" not in markdown
+    compiled = write(tmp_path / "throughput_compiled.json", json.loads(results[2].read_text()) | {"compiled": True})
+    assert "; every block compiled (`torch.compile`)." in build_report([compiled], tmp_path / "out").read_text()
 
 
 def test_an_unknown_file_fails_with_its_name(tmp_path, capsys):

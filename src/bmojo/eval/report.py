@@ -161,7 +161,8 @@ def throughput_section(report: dict, figure: Path) -> str:
     model = report["model"]
     return (
         f"{report['tokens_per_step']} tokens a step, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
-        f"layers, window {model['window_size']}, memory {model['memory_size']}; {_where(report)}.\n\n"
+        f"layers, window {model['window_size']}, memory {model['memory_size']}; {_where(report)}"
+        + ("; every block compiled (`torch.compile`).\n\n" if report.get("compiled") else ".\n\n")
         + _table(["T", "member", "parameters", "tokens/s", "vs A", "vs W"], rows)
     )
 
