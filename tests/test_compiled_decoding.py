@@ -4,6 +4,7 @@ compiles a few variants early and then no more."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_inductor_compiled_decoding_matches_eager():
 
 
 def test_beam_search_with_compiled_decoding_gives_the_eager_tokens():
-    # Beams change the batch size and reorder the cache's rows every step.
+    # Beam search reorders the cache's rows every step (and runs 2 x 3 rows, a batch size of its own).
     config = tiny_config("MWFBA", layers=5, memory_threshold=0.0)
     prompt = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, num_beams=3)
@@ -86,17 +87,45 @@ def test_beam_search_with_compiled_decoding_gives_the_eager_tokens():
     assert graphs, "generate did not decode through the compiled step"
 
 
-def test_a_copy_of_a_compiled_model_decodes_with_its_own_weights():
+def test_a_copy_decodes_eagerly_until_compiled_and_then_with_its_own_weights():
     config = tiny_config("FB", memory_threshold=0.0)
     model, _ = compiled_twin(config, "aot_eager")
     twin = copy.deepcopy(model)
+    assert twin.model._compiled_token_step is None
     with torch.no_grad():
         for parameter in twin.parameters():
             parameter.mul_(1.5)
     ids = torch.randint(0, VOCAB, (1, PREFILL + 12), generator=torch.Generator().manual_seed(8))
-    original, _ = decode(model, ids)
-    copied, _ = decode(twin, ids)
-    twin.model._compiled_token_step = None
     copied_eager, _ = decode(twin, ids)
+    compile_graph, graphs = counting("aot_eager")
+    twin.compile_decoding(backend=compile_graph)
+    copied, _ = decode(twin, ids)
+    assert graphs
     torch.testing.assert_close(copied, copied_eager, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(copied, original, atol=1e-3)
+    assert not torch.allclose(copied, decode(model, ids)[0], atol=1e-3)
+
+
+def test_chunks_after_a_prefill_decode_alike_compiled_and_eager():
+    config = tiny_config("MWFBA", layers=5, memory_threshold=0.0)
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(10))
+    model, graphs = compiled_twin(config, "aot_eager")
+    logits = {}
+    for name, decoder in (("eager", build(config)), ("compiled", model)):
+        with torch.no_grad():
+            out = decoder(ids[:, :PREFILL], use_cache=True)
+            pieces, position = [out.logits], PREFILL
+            for size in (1, 5, 2, 7, 3, 9, 30):
+                out = decoder(ids[:, position : position + size], cache=out.cache, use_cache=True)
+                pieces.append(out.logits)
+                position += size
+        logits[name] = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], atol=1e-5, rtol=1e-5)
+    assert graphs
+
+
+def test_a_pickled_compiled_model_decodes_eagerly():
+    model, _ = compiled_twin(tiny_config("FB", memory_threshold=0.0), "aot_eager")
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.model._compiled_token_step is None
+    ids = torch.randint(0, VOCAB, (1, PREFILL + 6), generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(decode(restored, ids)[0], decode(model, ids)[0], atol=1e-5, rtol=1e-5)

@@ -3,7 +3,8 @@
 One class covers the four letters because they differ only in which key sets a query sees (DESIGN §2.2-2.4):
 ``A`` all past tokens; ``W`` the window; ``F`` the window plus the SSM's fading tokens just behind it; ``B``
 also the eidetic memory of innovation-selected tokens. The parallel path calls the ``bmojo_attention`` op; the
-recurrent path (:meth:`AttentionMixer.step`) decodes one token from an :class:`AttentionState`.
+recurrent path decodes one token from an :class:`AttentionState` with :meth:`AttentionMixer.before_token`,
+:meth:`AttentionMixer.step` and :meth:`AttentionMixer.after_token`, in that order.
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ class AttentionMixer(nn.Module):
             extra.update(fading_k=fk, fading_v=fv)
             if state is not None:
                 self._fill_fading(state, fk, fv)
+                # Standard strides even for a batch of one (where clone() would keep the prefill's), the layout
+                # the step's own prev_s has: a compiled step then sees one layout.
                 state.ssm, state.prev_s = ssm_state, s[:, -1:].clone(memory_format=torch.contiguous_format)
         if self.predictor is not None:
             s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)
@@ -251,7 +254,8 @@ class AttentionMixer(nn.Module):
 
     def step(self, h: torch.Tensor, position: int, state: AttentionState) -> torch.Tensor:
         """Recurrent form for the token at ``position``, between :meth:`before_token` and :meth:`after_token`.
-        h: [B, 1, D] -> out: [B, 1, D]; writes the token's keys, values and SSM state into ``state``."""
+        h: [B, 1, D] -> out: [B, 1, D]; writes the token's keys, values, SSM state, innovation ratio and SSM
+        output into ``state``."""
         offset = position % ROPE_BLOCK
         rope = (state.rope[0][offset], state.rope[1][offset])
         if self.window is None:
@@ -266,25 +270,12 @@ class AttentionMixer(nn.Module):
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
         q, keys, values = self._step_projections(h, s, rope)
-        local, fading = position % self.ring, position % self.window
-        for buffer, pending, new in (
-            (state.keys, state.pending_keys, keys),
-            (state.values, state.pending_values, values),
-        ):
-            if s is None:
-                buffer.select(2, local).copy_(new[0])
-                continue
-            # The token's local key goes to its ring slot, the fading key of position - w falls behind the window
-            # into the slot that held position - 2w, and the token's own fading key waits in its place.
-            if torch.compiler.is_compiling():
-                # One write into the buffer: PyTorch 2.9 and 2.11 compile two writes at position-dependent slots
-                # of one buffer wrongly on the CPU (2.13 does not); eagerly two selects are cheaper.
-                slots = torch.tensor([local, self.ring + fading], device=h.device)
-                buffer.index_copy_(2, slots, torch.stack([new[0], pending.select(2, fading)], dim=2))
-            else:
-                buffer.select(2, local).copy_(new[0])
-                buffer.select(2, self.ring + fading).copy_(pending.select(2, fading))
-            pending.select(2, fading).copy_(new[1])
+        local = position % self.ring
+        if s is None:
+            state.keys.select(2, local).copy_(keys[0])
+            state.values.select(2, local).copy_(values[0])
+        else:
+            self._write_with_fading(state, local, position % self.window, keys, values)
         if self.predictor is not None:
             slot = position % self.memory_block
             ratio = innovation_ratio(self.predictor, h, state.prev_s, self.innovation_eps)
@@ -320,6 +311,31 @@ class AttentionMixer(nn.Module):
         grouped = q.view(batch, self.num_kv_heads, -1, self.head_dim)
         per_set = (batch, -1, self.num_kv_heads, self.head_dim)
         return grouped, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
+
+    def _write_with_fading(
+        self,
+        state: AttentionState,
+        local: int,
+        fading: int,
+        keys: tuple[torch.Tensor, ...],
+        values: tuple[torch.Tensor, ...],
+    ) -> None:
+        """A token's keys and values (each (local, fading), [B, Hkv, Dh]) into the buffers: the local ones into ring
+        slot ``local``; the fading ones of position - w, waiting in pending slot ``fading``, behind the window into
+        the slot that held position - 2w; the token's own fading ones into that pending slot."""
+        for buffer, pending, new in (
+            (state.keys, state.pending_keys, keys),
+            (state.values, state.pending_values, values),
+        ):
+            if torch.compiler.is_compiling():
+                # One write into the buffer: PyTorch 2.9 and 2.11 compile two writes at position-dependent slots
+                # of one buffer wrongly on the CPU (2.13 does not); eagerly two selects are cheaper.
+                slots = torch.tensor([local, self.ring + fading], device=buffer.device)
+                buffer.index_copy_(2, slots, torch.stack([new[0], pending.select(2, fading)], dim=2))
+            else:
+                buffer.select(2, local).copy_(new[0])
+                buffer.select(2, self.ring + fading).copy_(pending.select(2, fading))
+            pending.select(2, fading).copy_(new[1])
 
     def _push_block(self, state: AttentionState, position: int) -> None:
         """The memory block ending at ``position`` is finished: its accepted tokens join the memory."""

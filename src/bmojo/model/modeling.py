@@ -113,12 +113,32 @@ class BmojoBlock(nn.Module):
     def step(
         self, x: torch.Tensor, state: SSMState | AttentionState, position: int
     ) -> tuple[torch.Tensor, SSMState | AttentionState]:
-        """Recurrent form of one token at ``position``. x: [B, 1, D] -> (x: [B, 1, D], the layer's next state)."""
+        """Recurrent form of one token at ``position`` (an attention layer's ``before_token`` done, its
+        ``after_token`` to follow). x: [B, 1, D] -> (x: [B, 1, D], the layer's next state)."""
         h = self.mixer_norm(x)
         if isinstance(self.mixer, Mamba2Mixer):
             mixed, state = self.mixer(h, state)
         else:
             mixed = self.mixer.step(h, position, state)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def continue_chunk(
+        self, x: torch.Tensor, state: SSMState | AttentionState, start: int
+    ) -> tuple[torch.Tensor, SSMState | AttentionState]:
+        """Recurrent form of T tokens at positions ``start`` ... ``start + T - 1``, eagerly: a Mamba-2 layer scans
+        the chunk in parallel from its state, an attention layer steps token by token, the MLP runs on the whole
+        chunk. x: [B, T, D] -> (x: [B, T, D], the layer's next state)."""
+        h = self.mixer_norm(x)
+        if isinstance(self.mixer, Mamba2Mixer):
+            mixed, state = self.mixer(h, state)
+        else:
+            steps = []
+            for i in range(x.shape[1]):
+                self.mixer.before_token(start + i, state)
+                steps.append(self.mixer.step(h[:, i : i + 1], start + i, state))
+                self.mixer.after_token(start + i, state)
+            mixed = torch.cat(steps, dim=1)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -183,7 +203,7 @@ class BmojoModel(BmojoPreTrainedModel):
         self.layers = nn.ModuleList(BmojoBlock(config, letter) for letter in config.layer_letters)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
-        # Set by compile_decoding: a compiled BmojoModel.token_step (a function of the model, so copies share it).
+        # Set by compile_decoding: a compiled copy of BmojoModel.token_step, called with the model as argument.
         self._compiled_token_step: Callable | None = None
         self.post_init()
 
@@ -192,10 +212,11 @@ class BmojoModel(BmojoPreTrainedModel):
 
         Decoding a token is bound by the number of small ops it launches (one sequence, CPU or GPU); compiling
         the whole step fuses them. What depends on the position rather than on the token (RoPE tables, which
-        slots a query sees, memory pushes) runs eagerly around the graph, so the step compiles a few variants
-        in its first few hundred tokens (the first position, then any position, and the positions that start a
-        ring of slots) and then none; a new batch size compiles again. ``compile_options`` go to
-        ``torch.compile`` (``fullgraph=True`` unless given). Outputs equal eager decoding's.
+        slots a query sees, memory pushes) runs eagerly around the graph, so the step has no branch on the
+        position. It still compiles a few variants early on (the first position, then any position, and, for
+        inductor, positions at slot 0 of the window and of the memory block: up to about five, the last within
+        lcm(window, memory block) tokens) and then none; a new batch size compiles again. ``compile_options`` go
+        to ``torch.compile`` (``fullgraph=True`` unless given). Outputs match eager decoding's to rounding.
         """
         # Compiled code is cached per code object, and the number of variants kept per code object is capped
         # (torch._dynamo.config.recompile_limit): a copy of token_step's code gives this model its own cache,
@@ -204,7 +225,12 @@ class BmojoModel(BmojoPreTrainedModel):
         step = types.FunctionType(code, BmojoModel.token_step.__globals__, "token_step")
         self._compiled_token_step = torch.compile(step, **{"fullgraph": True, **compile_options})
 
-    def token_step(self, x: torch.Tensor, states: list, position: int) -> torch.Tensor:
+    def __getstate__(self) -> dict:
+        # The compiled step cannot be pickled (its code is a copy): a pickled or deep-copied model decodes
+        # eagerly until compile_decoding is called on it.
+        return {**super().__getstate__(), "_compiled_token_step": None}
+
+    def token_step(self, x: torch.Tensor, states: list[SSMState | AttentionState], position: int) -> torch.Tensor:
         """One token at ``position`` through every layer's recurrent step and the final norm (between each
         attention layer's ``before_token`` and ``after_token``). x: [B, 1, D] -> [B, 1, D]; updates ``states``."""
         for idx, block in enumerate(self.layers):
@@ -212,8 +238,15 @@ class BmojoModel(BmojoPreTrainedModel):
         return self.norm(x)
 
     def _decode(self, x: torch.Tensor, cache: BmojoCache) -> torch.Tensor:
-        """Recurrent form, token by token, continuing ``cache``: x: [B, T, D] embedded tokens -> normed hidden
-        states [B, T, D]."""
+        """Recurrent form continuing ``cache``: x: [B, T, D] embedded tokens -> normed hidden states [B, T, D].
+
+        Eagerly a chunk of several tokens goes layer by layer (Mamba-2 layers scan it in parallel); the compiled
+        step, and a single token, go token by token through all layers.
+        """
+        if self._compiled_token_step is None and x.shape[1] > 1:
+            for idx, block in enumerate(self.layers):
+                x, cache.states[idx] = block.continue_chunk(x, cache.states[idx], cache.seen_tokens)
+            return self.norm(x)
         step = self._compiled_token_step or BmojoModel.token_step
         attention = [idx for idx, block in enumerate(self.layers) if isinstance(block.mixer, AttentionMixer)]
         outputs = []
