@@ -84,13 +84,8 @@ def test_token_by_token_decoding_on_cuda_matches_parallel(pattern: str) -> None:
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
-        prefill = model(ids[:, :10], use_cache=True)
-        cache, stepwise = prefill.cache, [prefill.logits]
-        for t in range(10, SEQ_LEN):
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            stepwise.append(out.logits)
-    torch.testing.assert_close(torch.cat(stepwise, dim=1), parallel, rtol=1e-4, atol=1e-4)
+    stepwise, _ = decode(model, ids, start=10)
+    torch.testing.assert_close(stepwise, parallel[:, 10:], rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_decoding_on_cuda_matches_eager() -> None:

@@ -107,8 +107,7 @@ class BmojoBlock(nn.Module):
             mixed, aux, state = self.mixer(h, want_state=cache is not None)
         if cache is not None:
             cache.states[layer_idx] = state
-        x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), aux
+        return self._add_mixed_and_mlp(x, mixed), aux
 
     def step(
         self, x: torch.Tensor, state: SSMState | AttentionState, position: int
@@ -120,8 +119,7 @@ class BmojoBlock(nn.Module):
             mixed, state = self.mixer(h, state)
         else:
             mixed = self.mixer.step(h, position, state)
-        x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), state
+        return self._add_mixed_and_mlp(x, mixed), state
 
     def continue_chunk(
         self, x: torch.Tensor, state: SSMState | AttentionState, start: int
@@ -139,8 +137,12 @@ class BmojoBlock(nn.Module):
                 steps.append(self.mixer.step(h[:, i : i + 1], start + i, state))
                 self.mixer.after_token(start + i, state)
             mixed = torch.cat(steps, dim=1)
+        return self._add_mixed_and_mlp(x, mixed), state
+
+    def _add_mixed_and_mlp(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The block's two residual additions: the mixer's output, then the MLP's. x, mixed: [B, T, D]."""
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), state
+        return x + self.mlp(self.mlp_norm(x))
 
 
 @dataclass
@@ -203,6 +205,10 @@ class BmojoModel(BmojoPreTrainedModel):
         self.layers = nn.ModuleList(BmojoBlock(config, letter) for letter in config.layer_letters)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Layers whose decode state needs before_token / after_token around each step.
+        self._attention_layers = [
+            idx for idx, block in enumerate(self.layers) if isinstance(block.mixer, AttentionMixer)
+        ]
         # Set by compile_decoding: a compiled copy of BmojoModel.token_step, called with the model as argument.
         self._compiled_token_step: Callable | None = None
         self.post_init()
@@ -248,14 +254,13 @@ class BmojoModel(BmojoPreTrainedModel):
                 x, cache.states[idx] = block.continue_chunk(x, cache.states[idx], cache.seen_tokens)
             return self.norm(x)
         step = self._compiled_token_step or BmojoModel.token_step
-        attention = [idx for idx, block in enumerate(self.layers) if isinstance(block.mixer, AttentionMixer)]
         outputs = []
         for i in range(x.shape[1]):
             position = cache.seen_tokens + i
-            for idx in attention:
+            for idx in self._attention_layers:
                 self.layers[idx].mixer.before_token(position, cache.states[idx])
             outputs.append(step(self, x[:, i : i + 1], cache.states, position))
-            for idx in attention:
+            for idx in self._attention_layers:
                 self.layers[idx].mixer.after_token(position, cache.states[idx])
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
