@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from bmojo.ops import attention_blockwise
 from bmojo.ops.attention import bmojo_attention
 
 FLOAT_INPUTS = ("q", "k", "v", "fading_k", "fading_v", "mem_k", "mem_v")
@@ -85,11 +86,26 @@ CASES = {
     "query_block_spans_memory_rows": dict(window=16, slots=3, mem_block=5),
     # Full query blocks of 64 with a padded last one (T = 150), memory blocks of 64.
     "blocks_of_64_padded": dict(length=150, window=70, slots=4, mem_block=64),
+    # Band blocks of 64 against memory blocks of 50: both paddings differ; several full bands of fading keys.
+    "band_and_memory_blocks_differ": dict(length=203, window=40, slots=5, mem_block=50, kv_heads=1),
 }
+
+# The torch backend's two windowed paths: banded (CPU) and gathered (other devices), both run here.
+PATHS = ("banded", "gathered")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch) -> str:
+    """Route the torch backend's windowed attention through one path (gathered: as without the CPU kernels)."""
+    if request.param == "gathered":
+        monkeypatch.setattr(attention_blockwise, "FLASH_OPS", None)
+    else:
+        assert attention_blockwise.FLASH_OPS is not None, "this PyTorch lacks the CPU flash kernels"
+    return request.param
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_torch_matches_naive_fp32(case: str) -> None:
+def test_torch_matches_naive_fp32(case: str, path: str) -> None:
     inputs = make_inputs(**CASES[case])
     out, grads = run("torch", inputs)
     expected_out, expected_grads = run("naive", inputs)
@@ -100,8 +116,8 @@ def test_torch_matches_naive_fp32(case: str) -> None:
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("case", ["causal_full", "fading", "fading_memory_qe5_mqa"])
-def test_torch_matches_naive_bf16(case: str) -> None:
+@pytest.mark.parametrize("case", ["causal_full", "fading", "fading_memory_qe5_mqa", "band_and_memory_blocks_differ"])
+def test_torch_matches_naive_bf16(case: str, path: str) -> None:
     # bf16 keeps 8 mantissa bits and the torch path rounds scaled queries and softmax weights to bf16 before
     # its matmuls: agreement to 2% of each tensor's largest entry (measured: under 0.8%).
     inputs = make_inputs(**CASES[case], dtype=torch.bfloat16)
@@ -116,7 +132,7 @@ def test_torch_matches_naive_bf16(case: str) -> None:
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
 @pytest.mark.parametrize("invisible", ["all_invalid", "inside_window"])
-def test_invisible_memory_changes_nothing(backend: str, invisible: str) -> None:
+def test_invisible_memory_changes_nothing(backend: str, invisible: str, path: str) -> None:
     inputs = make_inputs(slots=4, mem_block=8)
     if invisible == "all_invalid":
         inputs["mem_valid"] = torch.zeros_like(inputs["mem_valid"])

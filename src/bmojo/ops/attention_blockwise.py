@@ -1,4 +1,7 @@
-"""Efficient ``bmojo_attention`` (the ``torch`` backend): one fused attention call over query blocks.
+"""Efficient ``bmojo_attention`` (the ``torch`` backend): fused attention calls over query blocks.
+
+On CPU a window goes to :mod:`bmojo.ops.attention_banded`; on other devices, and as its cross-check, to the
+gathered form below.
 
 Queries are cut into blocks of ``block`` consecutive positions. Each block gathers every key it may see —
 the span of its local windows, the span of its fading bands, and the memory rows of the memory blocks its
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from bmojo.ops.attention_banded import FLASH_OPS, banded_attention
 
 # Queries per block. Each block reads block + w - 1 keys per band for w useful ones: larger blocks waste
 # more work, smaller ones make more, shorter calls. 64 was fastest on CPU at w = 256.
@@ -57,12 +62,24 @@ def _memory_index_and_mask(
 def bmojo_attention_torch(
     q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
-    """The ``torch`` backend of :func:`bmojo.ops.attention.bmojo_attention` (inputs already validated)."""
+    """The ``torch`` backend of :func:`bmojo.ops.attention.bmojo_attention` (inputs already validated).
+
+    With a window: on CPU :func:`~bmojo.ops.attention_banded.banded_attention` (no key copied per block),
+    elsewhere :func:`gathered_attention`.
+    """
     if window is None:  # plain causal attention: validation guarantees there are no fading or memory keys
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True
         )
         return out.transpose(1, 2)
+    path = banded_attention if q.device.type == "cpu" and FLASH_OPS is not None else gathered_attention
+    return path(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale)
+
+
+def gathered_attention(
+    q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+) -> torch.Tensor:
+    """Windowed ``bmojo_attention``: every query block's keys gathered, one fused SDPA call (any device)."""
     batch, length, query_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     block = min(window, MAX_QUERY_BLOCK, length)
