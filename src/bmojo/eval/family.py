@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.train.host_memory import host_memory_kept, keep_freed_host_memory
 
 FAMILY = ("A", "W", "M", "MW", "F", "B")
 MEMBER_NAMES = {
@@ -95,15 +96,22 @@ def compose_bench_run(overrides: list[str], run_dir: Path, threads: int | None):
 def add_run_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
     """The options every family benchmark takes: ``--threads`` and, where it can run on a GPU, ``--device``."""
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--release-host-memory",
+        action="store_true",
+        help="leave glibc returning freed blocks to the OS (default: keep them, as training on the CPU does)",
+    )
     if device:
         parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
 
 
 def start_run(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and return the device ``--device`` names (the CPU for a benchmark without it), with a
-    clear error when it is not there."""
+    """Apply ``--threads`` and ``--release-host-memory`` and return the device ``--device`` names (the CPU for a
+    benchmark without it), with a clear error when it is not there."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if not args.release_host_memory:
+        keep_freed_host_memory()
     name = getattr(args, "device", "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -134,12 +142,13 @@ def median_seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[st
 
 
 def write_report(path: Path, bench: str, device: torch.device, **fields) -> None:
-    """Write a benchmark's JSON: its kind, what ran it (torch version, device, threads), then ``fields``."""
+    """Write a benchmark's JSON: its kind, what ran it (torch version, device, threads, host allocator), then
+    ``fields``."""
     machine = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     )
     report = {"bench": bench, "torch_version": torch.__version__, "device": device.type, "machine": machine}
-    report |= {"threads": torch.get_num_threads(), **fields}
+    report |= {"threads": torch.get_num_threads(), "host_memory_kept": host_memory_kept(), **fields}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"wrote {path}")

@@ -84,7 +84,8 @@ class OpRegistry:
         if reason is not None:
             raise RuntimeError(f"{self.op_name}: backend {requested!r} cannot run on {device}: {reason}")
         key = (requested, device.type)
-        if key not in self._logged:
+        # Logging inside a torch.compile'd graph would break it in two: only eager calls log the choice.
+        if key not in self._logged and not torch.compiler.is_compiling():
             self._logged.add(key)
             logger.info("%s: using backend %r on %s", self.op_name, requested, device.type)
         return impl.fn

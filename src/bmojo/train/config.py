@@ -151,6 +151,7 @@ class BackendConfig:
     engine: Engine = Engine.torch
     kernels: KernelBackend = KernelBackend.auto
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    keep_host_memory: bool = True  # CPU: glibc keeps freed memory for reuse (bmojo.train.host_memory)
 
 
 @dataclass

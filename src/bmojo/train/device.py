@@ -14,6 +14,7 @@ import torch
 
 from bmojo.ops import set_default_backend
 from bmojo.train.config import BackendConfig, Device, Precision
+from bmojo.train.host_memory import keep_freed_host_memory
 
 
 class DeviceError(RuntimeError):
@@ -21,7 +22,8 @@ class DeviceError(RuntimeError):
 
 
 def select_device(backend: BackendConfig) -> torch.device:
-    """The device ``backend.device`` names, after setting the kernel backend and thread count."""
+    """The device ``backend.device`` names, after setting the kernel backend and thread count (and, on the CPU,
+    the host allocator: ``backend.keep_host_memory``)."""
     set_default_backend(backend.kernels.value)
     if backend.num_threads is not None:
         torch.set_num_threads(backend.num_threads)
@@ -33,6 +35,8 @@ def select_device(backend: BackendConfig) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError("backend.device=cuda but no CUDA device is visible; use backend=cpu")
         return torch.device("cuda")
+    if backend.keep_host_memory:
+        keep_freed_host_memory()
     return torch.device("cpu")
 
 
