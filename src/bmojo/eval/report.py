@@ -173,7 +173,8 @@ def _where(report: dict) -> str:
     if report.get("device", "cpu") == "cuda":
         return f"on {report['machine']}{precision}"
     threads = report["threads"]
-    return f"{threads} CPU thread{'' if threads == 1 else 's'}{precision}"
+    kept = ", freed host memory kept for reuse" if report.get("host_memory_kept") else ""
+    return f"{threads} CPU thread{'' if threads == 1 else 's'}{precision}{kept}"
 
 
 def decode_section(report: dict, figure: Path) -> str:
