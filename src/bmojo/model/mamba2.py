@@ -12,6 +12,7 @@ from torch import nn
 from bmojo.config import BmojoConfig
 from bmojo.model.layers import GatedRMSNorm
 from bmojo.ops import ssm_scan
+from bmojo.ops.causal_conv import causal_conv
 
 
 @dataclass
@@ -118,12 +119,5 @@ class Mamba2Mixer(nn.Module):
         return y.flatten(1).to(xbc.dtype), SSMState(conv=window[..., 1:].contiguous(), ssm=ssm.flatten(1, 2))
 
     def _causal_conv(self, conv_in: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C].
-
-        Run as a 2-D conv on the channels-last view [B, C, 1, K-1+T] of the [B, time, C] layout: no transposed
-        copies, and the CPU backward of a channels-last depthwise conv is far cheaper than of a [B, C, T] one,
-        except for the bias gradient, which is why the bias is added apart.
-        """
-        weight = self.conv1d.weight.unsqueeze(2)  # [C, 1, 1, K]
-        out = F.conv2d(conv_in.transpose(1, 2).unsqueeze(2), weight, groups=self.conv_dim)
-        return out.squeeze(2).transpose(1, 2) + self.conv1d.bias.to(out.dtype)
+        """Depthwise conv over time without padding: conv_in [B, K-1+T, C] -> [B, T, C]."""
+        return causal_conv(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias)
