@@ -61,6 +61,7 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--window", type=int, default=256)
     size.add_argument("--memory-size", type=int, default=64)
     size.add_argument("--memory-topk", type=int, default=4)
+    size.add_argument("--ssm-chunk-size", type=int, default=64, help="chunk length of the SSM scan")
 
 
 def size_fields(args: argparse.Namespace) -> dict:
@@ -74,7 +75,7 @@ def size_fields(args: argparse.Namespace) -> dict:
         "window_size": args.window,
         "ssm_state_size": 16,
         "ssm_head_dim": 32,
-        "ssm_chunk_size": 64,
+        "ssm_chunk_size": args.ssm_chunk_size,
         "memory_size": args.memory_size,
         "memory_topk": args.memory_topk,
         "memory_block": args.window,

@@ -174,13 +174,13 @@ class BandedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # once: activation checkpointing lets saved tensors be unpacked only once
         with torch.autocast("cpu", enabled=False):
-            return BandedAttention._backward(ctx, grad_out.to(ctx.saved_tensors[0].dtype))
+            return BandedAttention._backward(ctx, grad_out.to(saved[0].dtype), *saved)
 
     @staticmethod
-    def _backward(ctx, grad_out):
+    def _backward(ctx, grad_out, q, keys, values, out, lse, band_mask, mem_k, mem_v, mem_mask):
         _, flash_backward = FLASH_OPS
-        q, keys, values, out, lse, band_mask, mem_k, mem_v, mem_mask = ctx.saved_tensors
         band, mem_block, scale = ctx.geometry
         batch, length = q.shape[:2]
 
