@@ -7,8 +7,9 @@ Queries and keys sit at positions ``0..T-1``. Query ``t`` sees
   behind its local window (``mem_pos[c, m] < t-w+1``; needs ``window``).
 
 Every query sees at least itself, so no softmax row is empty, but a query may have no fading or no memory
-keys at all. Backends: ``naive`` (one dense masked softmax, defined here) and ``torch`` (one fused
-attention call over query blocks, in :mod:`bmojo.ops.attention_blockwise`).
+keys at all. Backends: ``naive`` (one dense masked softmax, defined here) and ``torch`` (fused attention
+calls over query blocks: :mod:`bmojo.ops.attention_banded` on the CPU, :mod:`bmojo.ops.attention_blockwise`
+elsewhere).
 """
 
 from __future__ import annotations

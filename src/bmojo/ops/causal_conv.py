@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Rows (time steps of one sequence) per block of the weight gradient: a [rows, C] fp32 block near 1 MiB.
 BLOCK_BYTES = 2**20
@@ -44,9 +45,11 @@ class _CausalConv(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         with torch.autocast("cpu", enabled=False):
             ctx.save_for_backward(x, weight)
+            ctx.bias_dtype = bias.dtype
             return _channels_last_conv(x, weight.to(x.dtype)) + bias.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, weight = ctx.saved_tensors
         kernel = weight.shape[1]
@@ -55,7 +58,7 @@ class _CausalConv(torch.autograd.Function):
             padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1))  # [B, T + 2(K-1), C]
             grad_x = _channels_last_conv(padded, weight.flip(-1).to(x.dtype))
             grad_weight = _weight_grad(grad_out, x, kernel).to(weight.dtype)
-            grad_bias = grad_out.sum(dim=(0, 1), dtype=torch.float32).to(weight.dtype)
+            grad_bias = grad_out.sum(dim=(0, 1), dtype=torch.float32).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias
 
 

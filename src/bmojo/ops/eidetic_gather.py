@@ -38,8 +38,9 @@ def _validate(src: torch.Tensor, index: torch.Tensor) -> None:
         raise ValueError(f"eidetic_gather: batch sizes differ: src has B={src.shape[0]}, index has B={index.shape[0]}")
     if index.device != src.device:
         raise ValueError(f"eidetic_gather: index is on {index.device} but src is on {src.device}")
-    # The range check reads the index on the host: affordable in eager mode, but on XLA, and inside a
-    # torch.compile'd graph, it would force a graph break and a device-to-host copy, so it is skipped there.
+    # The range check reads the index on the host: affordable in eager mode, but on XLA it would force a
+    # device-to-host copy inside the training step, and inside a torch.compile'd graph a graph break, so it is
+    # skipped there.
     if src.device.type != "xla" and not torch.compiler.is_compiling() and index.numel() > 0:
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= src.shape[1]:

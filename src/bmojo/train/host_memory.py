@@ -5,7 +5,7 @@ a fresh ``mmap`` and gives them back to the operating system when they are freed
 CPU training step (activations, attention gradients, the logits) faults its pages in again, one page at a time,
 on every step. :func:`keep_freed_host_memory` makes glibc serve every block from its heap and keep the heap's
 freed memory: the pages stay mapped and the next step reuses them. The process holds on to its peak footprint
-instead of returning it between steps; it does not grow past it.
+instead of returning it between steps (plus what fragmentation of the heap adds to it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +28,18 @@ _kept = False
 
 @functools.cache
 def keep_freed_host_memory() -> bool:
-    """Serve every ``malloc`` from the heap and never trim it; True where applied (glibc), False elsewhere.
+    """Serve every ``malloc`` from the heap and never trim it; True where applied (Linux with glibc), False
+    elsewhere.
 
     Process-wide and for the rest of the process (allocations made before keep their memory). Equivalent to
     starting Python with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
     """
-    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL(libc_name)
-    except OSError:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError) as error:
+        logger.info("host memory: cannot load the C library (%s); allocations are left as they are", error)
         return False
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         logger.info("host memory: the C library is not glibc; allocations are left as they are")
