@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bmojo import BmojoForCausalLM
 from bmojo.train import CheckpointError, NonFiniteLossError, export_model, train
@@ -165,3 +166,26 @@ def test_fine_tuning_an_exported_model_lowers_its_loss_on_a_jsonl_corpus(tiny_co
     )
     assert tuned.initial_val_loss == pytest.approx(base.final_val_loss, rel=1e-5)  # it started from the export
     assert tuned.final_val_loss < tuned.initial_val_loss - 0.3
+
+
+def test_compiled_blocks_train_like_eager_ones(tiny_config, tmp_path):
+    overrides = ("model=B_tiny", "trainer.max_steps=3", "trainer.eval_every=3")
+    eager = train(tiny_config(*overrides, run="eager"))
+    compiled = train(tiny_config(*overrides, "trainer.compile_blocks=true", run="compiled"))
+    eager_losses, compiled_losses = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager_losses.keys() == compiled_losses.keys() and len(eager_losses) == 3
+    # Inductor fuses and reorders fp32 arithmetic: the same steps to rounding, not bit for bit.
+    for step, loss in eager_losses.items():
+        assert compiled_losses[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-4)
+    weights_eager, _ = final_state(tmp_path / "eager")
+    weights_compiled, _ = final_state(tmp_path / "compiled")
+    assert weights_eager.keys() == weights_compiled.keys()  # compiled in place: the same parameter names
+
+
+def test_parallel_training_refuses_compiled_blocks(tiny_config, tmp_path):
+    from bmojo.train.distributed import ParallelTrainer
+
+    config = OmegaConf.to_object(tiny_config("trainer.compile_blocks=true"))
+    with pytest.raises(ValueError, match="parallel training does not compile blocks"):
+        ParallelTrainer(config, tmp_path / "parallel")._setup()

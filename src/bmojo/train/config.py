@@ -119,6 +119,7 @@ class TrainerConfig:
     sample_tokens: int = 64
     progress_bar: bool = True
     tensorboard: bool = True
+    compile_blocks: bool = False  # torch.compile every block in place (one process, CPU or CUDA)
 
 
 @dataclass

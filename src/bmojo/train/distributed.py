@@ -106,6 +106,10 @@ class ParallelTrainer(Trainer):
     # ---------------------------------------------------------------- setup
     def _setup(self) -> None:
         cfg = self.config
+        if cfg.trainer.compile_blocks:
+            raise ValueError(
+                "trainer.compile_blocks compiles one process's model; parallel training does not compile blocks"
+            )
         self.device = self._process_device()
         self.rank, world_size = self._start_processes()
         self.is_main = self.rank == 0

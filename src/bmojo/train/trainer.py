@@ -101,6 +101,8 @@ class Trainer:
         self.tokenizer, self.data = prepare_data(cfg.data, cfg.seed, tokenizer)
         self.timings = {"data_s": time.perf_counter() - started}
         self.model = self._place_model(model or build_model(cfg.model, self.tokenizer))
+        if cfg.trainer.compile_blocks:
+            self._compile_blocks()
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} entries but the model only {self.model.config.vocab_size}"
@@ -141,6 +143,18 @@ class Trainer:
     def _place_model(self, model: BmojoForCausalLM) -> BmojoForCausalLM:
         """The model on the training device, ready for the optimizer to be built over its parameters."""
         return model.to(self.device)
+
+    def _compile_blocks(self) -> None:
+        """``torch.compile`` every block in place, as torchtitan applies it: from outside the model code, one
+        block at a time (the blocks share their compiled code). Parameter names, and so checkpoints, stay as
+        they are."""
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"trainer.compile_blocks compiles for the CPU or CUDA, not {self.device.type}; set it to false"
+            )
+        for block in self.model.model.layers:
+            block.compile()
+        logger.info("compiling %d blocks in the first steps", len(self.model.model.layers))
 
     def _host_model(self) -> BmojoForCausalLM:
         """The model holding the current weights, as checkpoints, export and sampling read it."""
