@@ -57,7 +57,7 @@ def build_model(config, compile_blocks: bool) -> BmojoForCausalLM:
     model = BmojoForCausalLM(config).train()
     if compile_blocks:
         for block in model.model.layers:
-            block.compile()
+            block.compile(dynamic=False)  # as the trainer's trainer.compile_blocks does
     return model
 
 

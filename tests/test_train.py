@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from bmojo.train import CheckpointError, NonFiniteLossError, export_model, train
 from bmojo.train import checkpoint as checkpoint_module
 from bmojo.train.checkpoint import CHECKPOINTS, LATEST, latest_checkpoint, step_folders
 from bmojo.train.metrics import read_metrics
+from bmojo.train.trainer import Trainer
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -181,6 +183,21 @@ def test_compiled_blocks_train_like_eager_ones(tiny_config, tmp_path):
     weights_eager, _ = final_state(tmp_path / "eager")
     weights_compiled, _ = final_state(tmp_path / "compiled")
     assert weights_eager.keys() == weights_compiled.keys()  # compiled in place: the same parameter names
+
+
+def test_compiled_blocks_take_new_shapes():
+    # Training then evaluating (or a last, shorter batch) shows the compiled blocks other shapes.
+    import test_model
+
+    config = test_model.tiny_config("BB")
+    model, reference = test_model.build(config), test_model.build(config)
+    Trainer._compile_blocks(SimpleNamespace(device=torch.device("cpu"), model=model))
+    model.train(), reference.train()
+    for batch, length in ((2, 24), (3, 37)):
+        ids = torch.randint(0, test_model.VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+        compiled, eager = model(ids, labels=ids), reference(ids, labels=ids)
+        compiled.loss.backward()  # the backward is compiled too
+        torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_parallel_training_refuses_compiled_blocks(tiny_config, tmp_path):

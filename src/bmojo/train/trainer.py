@@ -153,7 +153,9 @@ class Trainer:
                 f"trainer.compile_blocks compiles for the CPU or CUDA, not {self.device.type}; set it to false"
             )
         for block in self.model.model.layers:
-            block.compile()
+            # Static shapes: a new shape (an evaluation batch, say) compiles a variant of its own. With dynamic
+            # shapes, inductor (torch 2.13) fails on this model's symbolic sizes once a second shape appears.
+            block.compile(dynamic=False)
         logger.info("compiling %d blocks in the first steps", len(self.model.model.layers))
 
     def _host_model(self) -> BmojoForCausalLM:
