@@ -192,7 +192,8 @@ def test_compiled_blocks_take_new_shapes():
     config = test_model.tiny_config("BB")
     model, reference = test_model.build(config), test_model.build(config)
     Trainer._compile_blocks(SimpleNamespace(device=torch.device("cpu"), model=model))
-    model.train(), reference.train()
+    model.train()
+    reference.train()
     for batch, length in ((2, 24), (3, 37)):
         ids = torch.randint(0, test_model.VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         compiled, eager = model(ids, labels=ids), reference(ids, labels=ids)
