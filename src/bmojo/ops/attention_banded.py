@@ -194,10 +194,9 @@ class BandedAttention(torch.autograd.Function):
         band, mem_block, scale = ctx.geometry
         batch, length = q.shape[:2]
 
-        def blocked(padded: int, block: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        def blocked(padded: int, block: int) -> list[Tensor]:
             """grad_out, q, out and lse in the blocks of a call over ``padded`` positions."""
-            per_block = [_blocks(_pad_time(x, padded), block) for x in (grad_out, q, out, lse)]
-            return per_block[0], per_block[1], per_block[2], per_block[3]
+            return [_blocks(_pad_time(x, padded), block) for x in (grad_out, q, out, lse)]
 
         grad_out_b, q_b, out_b, lse_b = blocked(band.padded, band.block)
         grad_q, grad_keys, grad_values = [], [], []
