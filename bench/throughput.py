@@ -28,6 +28,7 @@ from bmojo.eval.family import (
     synchronize,
     write_report,
 )
+from bmojo.train.trainer import compile_blocks as compile_every_block
 
 
 def make_step(
@@ -56,8 +57,7 @@ def build_model(config, compile_blocks: bool) -> BmojoForCausalLM:
     torch.manual_seed(0)
     model = BmojoForCausalLM(config).train()
     if compile_blocks:
-        for block in model.model.layers:
-            block.compile(dynamic=False)  # as the trainer's trainer.compile_blocks does
+        compile_every_block(model)  # as trainer.compile_blocks does
     return model
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from bmojo.train import CheckpointError, NonFiniteLossError, export_model, train
 from bmojo.train import checkpoint as checkpoint_module
 from bmojo.train.checkpoint import CHECKPOINTS, LATEST, latest_checkpoint, step_folders
 from bmojo.train.metrics import read_metrics
-from bmojo.train.trainer import Trainer
+from bmojo.train.trainer import compile_blocks
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -191,7 +190,7 @@ def test_compiled_blocks_take_new_shapes():
 
     config = test_model.tiny_config("BB")
     model, reference = test_model.build(config), test_model.build(config)
-    Trainer._compile_blocks(SimpleNamespace(device=torch.device("cpu"), model=model))
+    compile_blocks(model)
     model.train()
     reference.train()
     for batch, length in ((2, 24), (3, 37)):

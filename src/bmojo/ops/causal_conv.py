@@ -20,6 +20,11 @@ from torch.autograd.function import once_differentiable
 BLOCK_BYTES = 2**20
 
 
+def _conv_with_bias(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """The conv in x's dtype: x [B, K-1+T, C], weight [C, K], bias [C] -> [B, T, C]."""
+    return _channels_last_conv(x, weight.to(x.dtype)) + bias.to(x.dtype)
+
+
 def _channels_last_conv(x: Tensor, weight: Tensor) -> Tensor:
     """x: [B, K-1+T, C], weight: [C, K] (x's dtype) -> [B, T, C] without bias."""
     out = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight[:, None, None, :], groups=weight.shape[0])
@@ -46,7 +51,7 @@ class _CausalConv(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             ctx.save_for_backward(x, weight)
             ctx.bias_dtype = bias.dtype
-            return _channels_last_conv(x, weight.to(x.dtype)) + bias.to(x.dtype)
+            return _conv_with_bias(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -70,7 +75,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return _CausalConv.apply(x, weight, bias)
-    return _channels_last_conv(x, weight.to(x.dtype)) + bias.to(x.dtype)
+    return _conv_with_bias(x, weight, bias)
 
 
 def causal_conv_naive(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

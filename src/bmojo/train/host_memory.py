@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import logging
 import sys
 
@@ -23,10 +22,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 # Largest value mallopt takes (an int): the heap is trimmed only when its free top exceeds 2 GiB.
 NEVER_TRIM = 2**31 - 1
-_kept = False
+_kept = False  # applied in this process (it lasts as long as the process)
 
 
-@functools.cache
 def keep_freed_host_memory() -> bool:
     """Serve every ``malloc`` from the heap and never trim it; True where applied (Linux with glibc), False
     elsewhere.
@@ -34,6 +32,9 @@ def keep_freed_host_memory() -> bool:
     Process-wide and for the rest of the process (allocations made before keep their memory). Equivalent to
     starting Python with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
     """
+    global _kept
+    if _kept:
+        return True
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -44,12 +45,10 @@ def keep_freed_host_memory() -> bool:
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         logger.info("host memory: the C library is not glibc; allocations are left as they are")
         return False
-    applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
-    if applied:
-        global _kept
-        _kept = True
+    _kept = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
+    if _kept:
         logger.info("host memory: glibc keeps freed memory for reuse (no mmap, no trimming)")
-    return applied
+    return _kept
 
 
 def host_memory_kept() -> bool:

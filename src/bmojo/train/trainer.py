@@ -69,6 +69,15 @@ def build_model(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -
     return BmojoForCausalLM(config)
 
 
+def compile_blocks(model: BmojoForCausalLM) -> None:
+    """``torch.compile`` every block in place, as torchtitan applies it: from outside the model code, one block at
+    a time (the blocks share their compiled code). Parameter names, and so checkpoints, stay as they are."""
+    for block in model.model.layers:
+        # Static shapes: a new shape (an evaluation batch, say) compiles a variant of its own. With dynamic
+        # shapes, inductor (torch 2.13) fails on this model's symbolic sizes once a second shape appears.
+        block.compile(dynamic=False)
+
+
 class Trainer:
     """Trains one run in ``run_dir`` as ``config`` says, resuming from its latest checkpoint when asked."""
 
@@ -145,17 +154,11 @@ class Trainer:
         return model.to(self.device)
 
     def _compile_blocks(self) -> None:
-        """``torch.compile`` every block in place, as torchtitan applies it: from outside the model code, one
-        block at a time (the blocks share their compiled code). Parameter names, and so checkpoints, stay as
-        they are."""
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(
                 f"trainer.compile_blocks compiles for the CPU or CUDA, not {self.device.type}; set it to false"
             )
-        for block in self.model.model.layers:
-            # Static shapes: a new shape (an evaluation batch, say) compiles a variant of its own. With dynamic
-            # shapes, inductor (torch 2.13) fails on this model's symbolic sizes once a second shape appears.
-            block.compile(dynamic=False)
+        compile_blocks(self.model)
         logger.info("compiling %d blocks in the first steps", len(self.model.model.layers))
 
     def _host_model(self) -> BmojoForCausalLM:
