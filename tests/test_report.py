@@ -96,6 +96,9 @@ def test_only_the_benchmarks_given_appear(results, tmp_path):
     assert "every block compiled" not in markdown
     compiled = write(tmp_path / "throughput_compiled.json", json.loads(results[2].read_text()) | {"compiled": True})
     assert "; every block compiled (`torch.compile`)." in build_report([compiled], tmp_path / "out").read_text()
+    assert "host memory" not in markdown
+    kept = write(tmp_path / "throughput_kept.json", json.loads(results[2].read_text()) | {"host_memory_kept": True})
+    assert "2 CPU threads, freed host memory kept for reuse." in build_report([kept], tmp_path / "out").read_text()
 
 
 def test_an_unknown_file_fails_with_its_name(tmp_path, capsys):
