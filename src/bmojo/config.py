@@ -55,6 +55,7 @@ class BmojoConfig(PretrainedConfig):
         innovation_eps: float = 1e-6,
         aux_loss_weight: float = 0.1,
         tie_fading_proj: bool = True,
+        memory_rope: bool = True,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -66,7 +67,10 @@ class BmojoConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         # SwiGLU at 8/3 the width keeps the MLP's parameter count equal to a 4x GELU MLP; round for kernels.
-        self.intermediate_size = intermediate_size or 64 * ((8 * hidden_size // 3 + 63) // 64)
+        # 0 builds blocks without an MLP (mamba_ssm's ``d_intermediate=0``, as the published Mamba-2).
+        if intermediate_size is None:
+            intermediate_size = 64 * ((8 * hidden_size // 3 + 63) // 64)
+        self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers
         self.layer_pattern = layer_pattern
         self.num_attention_heads = num_attention_heads
@@ -92,6 +96,7 @@ class BmojoConfig(PretrainedConfig):
         self.innovation_eps = innovation_eps
         self.aux_loss_weight = aux_loss_weight
         self.tie_fading_proj = tie_fading_proj
+        self.memory_rope = memory_rope
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -121,9 +126,11 @@ class BmojoConfig(PretrainedConfig):
         def fail(field: str, problem: str) -> None:
             raise ValueError(f"BmojoConfig.{field}: {problem}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "window_size"):
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "window_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 fail(field, f"must be a positive integer, got {getattr(self, field)!r}")
+        if not isinstance(self.intermediate_size, int) or self.intermediate_size < 0:
+            fail("intermediate_size", f"must be an integer >= 0 (0: no MLP), got {self.intermediate_size!r}")
         if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
             fail("layer_pattern", f"must be a non-empty string of the letters {''.join(LAYER_LETTERS)}")
         unknown = sorted(set(self.layer_pattern) - set(LAYER_LETTERS))

@@ -59,7 +59,7 @@ class ModelConfig:
     vocab_size: int | None = None
     pad_vocab_multiple: int = 64  # a tokenizer-derived vocabulary is rounded up to this multiple
     hidden_size: int = 64
-    intermediate_size: int = 128
+    intermediate_size: int = 128  # 0: blocks without an MLP (the published Mamba-2)
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
@@ -80,7 +80,8 @@ class ModelConfig:
     memory_threshold: float = 0.5
     innovation_rank: int | None = None  # None: a full-rank predictor
     aux_loss_weight: float = 0.1
-    tie_fading_proj: bool = True
+    tie_fading_proj: bool = True  # false: fading keys get their own query, key, value projections and QK-norms
+    memory_rope: bool = True  # false: eidetic-memory keys without positional encoding
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
