@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.config import BmojoConfig
-from bmojo.model.layers import RMSNorm, RotaryEmbedding
+from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, mark_init
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 from bmojo.model.memory import InnovationPredictor, MemoryFIFO, innovation_ratio, innovation_scores, select_memory
 from bmojo.ops import bmojo_attention, eidetic_gather
@@ -70,11 +70,13 @@ class AttentionMixer(nn.Module):
         self.q_proj = nn.Linear(d, hq, bias=False)
         self.k_proj = nn.Linear(d, hkv, bias=False)
         self.v_proj = nn.Linear(d, hkv, bias=False)
-        self.o_proj = nn.Linear(hq, d, bias=False)
+        self.o_proj = mark_init(nn.Linear(hq, d, bias=False), InitRole.residual_output)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
         self.ssm = Mamba2Mixer(config) if letter in "FB" else None
+        if self.ssm is not None:
+            mark_init(self.ssm.out_proj, InitRole.fading_output)
         # Fading keys/values reuse k_proj/v_proj unless untied (then these own projections exist).
         untied = self.ssm is not None and not config.tie_fading_proj
         self.fading_k_proj = nn.Linear(d, hkv, bias=False) if untied else None

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class InitRole(Enum):
+    """How a model's initialisation draws a Linear's weight (``BmojoPreTrainedModel._init_weights``)."""
+
+    default = "default"  # normal(0, initializer_range)
+    residual_output = "residual_output"  # writes into the residual stream: scaled by depth
+    fading_output = "fading_output"  # the inner SSM of F/B: its output becomes keys/values, like the layer input
+
+
+def mark_init(linear: nn.Linear, role: InitRole) -> nn.Linear:
+    """Tag ``linear`` with the init ``role`` the model applies to it (on the Linear itself: transformers runs
+    the init hook once per module, and a parent's hook cannot redraw a child's weights)."""
+    linear.init_role = role
+    return linear
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +73,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = mark_init(nn.Linear(intermediate_size, hidden_size, bias=False), InitRole.residual_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmojo.config import BmojoConfig
-from bmojo.model.layers import GatedRMSNorm
+from bmojo.model.layers import GatedRMSNorm, InitRole, mark_init
 from bmojo.ops import ssm_scan
 from bmojo.ops.causal_conv import causal_conv
 
@@ -52,7 +52,8 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.linspace(1, 16, self.num_heads)))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.inner_size, self.inner_size // self.num_groups, eps=config.rms_norm_eps)
-        self.out_proj = nn.Linear(self.inner_size, self.hidden_size, bias=False)
+        # A residual-branch output as an M layer; an F/B layer re-marks it (its output feeds keys and values).
+        self.out_proj = mark_init(nn.Linear(self.inner_size, self.hidden_size, bias=False), InitRole.residual_output)
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SSMState:
         return SSMState(

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 
 from bmojo.config import BmojoConfig
 from bmojo.model.attention import AttentionMixer, AttentionState
-from bmojo.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 
 
@@ -91,8 +91,10 @@ class BmojoBlock(nn.Module):
         self.letter = letter
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = Mamba2Mixer(config) if letter == "M" else AttentionMixer(config, letter)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        # intermediate_size 0: a block of the mixer alone (the published Mamba-2 has no MLP).
+        has_mlp = config.intermediate_size > 0
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if has_mlp else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if has_mlp else None
 
     def forward(
         self, x: torch.Tensor, cache: BmojoCache | None = None, layer_idx: int = 0
@@ -140,9 +142,9 @@ class BmojoBlock(nn.Module):
         return self._add_mixed_and_mlp(x, mixed), state
 
     def _add_mixed_and_mlp(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-        """The block's two residual additions: the mixer's output, then the MLP's. x, mixed: [B, T, D]."""
+        """The block's residual additions: the mixer's output, then the MLP's (if any). x, mixed: [B, T, D]."""
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x))
+        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
 @dataclass
@@ -178,6 +180,25 @@ class BmojoPreTrainedModel(PreTrainedModel):
         return False
 
     def _init_weights(self, module: nn.Module) -> None:
+        """One rule for the family, applied by transformers to each module once (children first).
+
+        Linear weights are normal(0, ``initializer_range``), except those tagged by :func:`mark_init`: residual
+        outputs (``o_proj``, ``down_proj``, an M layer's ``out_proj``) divided by the square root of the number
+        of residual branches (GPT-2, mamba_ssm), so deep stacks start near the identity; and the inner SSM's
+        ``out_proj`` in F/B layers at std ``1/sqrt(fan_in)``, so its output (after the gated RMSNorm, RMS 1)
+        has RMS 1 like the layer input and fading keys/values start at the scale of the local ones.
+        """
+        if isinstance(module, nn.Linear):
+            role = getattr(module, "init_role", InitRole.default)
+            std = {
+                InitRole.default: self.config.initializer_range,
+                InitRole.residual_output: self.config.initializer_range / math.sqrt(self._residual_branches()),
+                InitRole.fading_output: module.in_features**-0.5,
+            }[role]
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, Mamba2Mixer):
             heads = module.num_heads
@@ -190,12 +211,10 @@ class BmojoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.conv1d.bias)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.frequencies())
-        # Residual-branch outputs scaled by depth (GPT-2) so deep stacks start near the identity.
-        scale = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
-        for name in ("o_proj", "out_proj", "down_proj"):
-            proj = getattr(module, name, None)
-            if isinstance(proj, nn.Linear):
-                init.normal_(proj.weight, mean=0.0, std=scale)
+
+    def _residual_branches(self) -> int:
+        """Additions into the residual stream: a mixer per layer, and an MLP per layer unless there is none."""
+        return self.config.num_hidden_layers * (2 if self.config.intermediate_size else 1)
 
 
 class BmojoModel(BmojoPreTrainedModel):

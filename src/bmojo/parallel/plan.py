@@ -202,10 +202,11 @@ def bmojo_plan(model: BmojoForCausalLM) -> ParallelPlan:
             specs.update(_ssm_specs(f"{prefix}.mixer", mixer))
         else:
             _attention_rules(rules, specs, f"{prefix}.mixer", mixer)
-        rules += [ModuleRule(f"{prefix}.mlp_norm", Role.sequence_norm), ModuleRule(f"{prefix}.mlp", Role.branch)]
-        for name in ("gate_proj", "up_proj"):
-            _linear(rules, specs, f"{prefix}.mlp.{name}", getattr(block.mlp, name), Role.column)
-        _linear(rules, specs, f"{prefix}.mlp.down_proj", block.mlp.down_proj, Role.row, Output.residual)
+        if block.mlp is not None:
+            rules += [ModuleRule(f"{prefix}.mlp_norm", Role.sequence_norm), ModuleRule(f"{prefix}.mlp", Role.branch)]
+            for name in ("gate_proj", "up_proj"):
+                _linear(rules, specs, f"{prefix}.mlp.{name}", getattr(block.mlp, name), Role.column)
+            _linear(rules, specs, f"{prefix}.mlp.down_proj", block.mlp.down_proj, Role.row, Output.residual)
     rules.append(ModuleRule("model.norm", Role.sequence_norm))
     rules.append(ModuleRule("lm_head", Role.vocab_head))
     specs["lm_head.weight"] = ShardSpec(0, (model.config.vocab_size,))
