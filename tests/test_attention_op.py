@@ -12,7 +12,7 @@ import torch
 from bmojo.ops import attention_blockwise
 from bmojo.ops.attention import bmojo_attention
 
-FLOAT_INPUTS = ("q", "k", "v", "fading_k", "fading_v", "mem_k", "mem_v")
+FLOAT_INPUTS = ("q", "k", "v", "fading_q", "fading_k", "fading_v", "mem_k", "mem_v")
 
 
 def make_inputs(
@@ -23,13 +23,15 @@ def make_inputs(
     head_dim: int = 8,
     window: int | None = 8,
     fading: bool = True,
+    fading_query: bool = False,
     slots: int = 0,
     mem_block: int = 8,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     batch: int = 2,
 ) -> dict:
-    """Random inputs; ``slots > 0`` adds memory with random positions and ~70% valid entries."""
+    """Random inputs; ``fading_query`` adds a query of the fading keys' own (untied fading projections), ``slots > 0``
+    memory with random positions and ~70% valid entries."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -43,6 +45,8 @@ def make_inputs(
     }
     if fading:
         inputs |= {name: randn(batch, length, kv_heads, head_dim) for name in ("fading_k", "fading_v")}
+    if fading_query:
+        inputs["fading_q"] = randn(batch, length, query_heads, head_dim)
     if slots:
         num_blocks = math.ceil(length / mem_block)
         inputs |= {
@@ -92,6 +96,15 @@ CASES = {
     "band_and_memory_blocks_differ": dict(length=203, window=40, slots=5, mem_block=50, kv_heads=1),
     # T a multiple of the band's blocks and of the memory's: nothing padded; three sequences.
     "unpadded_batch_of_3": dict(length=128, window=40, slots=4, mem_block=32, batch=3),
+    # The fading keys' own query (untied fading projections): alone, with GQA/MQA, memory and awkward blocks.
+    "fading_query": dict(fading_query=True),
+    "fading_query_window_1": dict(window=1, fading_query=True),
+    "fading_query_memory_qe5_mqa": dict(slots=4, mem_block=5, kv_heads=1, fading_query=True),
+    "fading_query_window_equals_T_minus_1": dict(window=36, slots=5, mem_block=16, fading_query=True),
+    "fading_query_window_at_least_T": dict(window=40, fading_query=True),
+    "fading_query_band_and_memory_blocks_differ": dict(
+        length=203, window=40, slots=5, mem_block=50, kv_heads=1, fading_query=True
+    ),
 }
 
 # The torch backend's two windowed paths: banded (CPU) and gathered (other devices), both run here.
@@ -131,11 +144,21 @@ def test_torch_matches_naive_fp32(case: str, path: SimpleNamespace) -> None:
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("case", ["causal_full", "fading", "fading_memory_qe5_mqa", "band_and_memory_blocks_differ"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "causal_full",
+        "fading",
+        "fading_memory_qe5_mqa",
+        "band_and_memory_blocks_differ",
+        "fading_query_memory_qe5_mqa",
+        "fading_query_band_and_memory_blocks_differ",
+    ],
+)
 def test_torch_matches_naive_bf16(case: str, path: SimpleNamespace) -> None:
     # bf16 keeps 8 mantissa bits and the torch paths round scaled queries and softmax weights to bf16 before
     # their matmuls (the banded one also each key set's output before the merge): agreement to 2% of each
-    # tensor's largest entry (measured: at most 0.6% gathered, 1.0% banded).
+    # tensor's largest entry (measured: at most 1.1% gathered, its worst with a fading query; 1.0% banded).
     inputs = make_inputs(**CASES[case], dtype=torch.bfloat16)
     out, grads = run("torch", inputs)
     assert_path_ran(path, inputs)
@@ -171,9 +194,10 @@ def test_invisible_memory_changes_nothing(backend: str, invisible: str, path: Si
     assert torch.equal(grads["mem_v"], torch.zeros_like(grads["mem_v"]))
 
 
-def test_a_non_finite_sequence_leaves_the_others_alone(path: SimpleNamespace) -> None:
+@pytest.mark.parametrize("fading_query", [False, True])
+def test_a_non_finite_sequence_leaves_the_others_alone(path: SimpleNamespace, fading_query: bool) -> None:
     # An overflow in one sequence of a batch (its last value) must not reach another through a masked score.
-    inputs = make_inputs(length=150, window=40, slots=4, mem_block=32, batch=3)
+    inputs = make_inputs(length=150, window=40, slots=4, mem_block=32, batch=3, fading_query=fading_query)
     inputs["v"][0, -1] = float("nan")
     inputs["k"][0, -2] = float("inf")
     out = bmojo_attention(**inputs, backend="torch")
@@ -185,7 +209,7 @@ def test_a_non_finite_sequence_leaves_the_others_alone(path: SimpleNamespace) ->
 
 def test_recomputed_under_activation_checkpointing(path: SimpleNamespace) -> None:
     # A checkpointed backward lets each saved tensor be unpacked only once.
-    inputs = make_inputs(slots=4, mem_block=8)
+    inputs = make_inputs(slots=4, mem_block=8, fading_query=True)
     leaves = {name: inputs[name].clone().requires_grad_(True) for name in FLOAT_INPUTS}
 
     def attend(*tensors: torch.Tensor) -> torch.Tensor:
@@ -214,29 +238,31 @@ def test_memory_of_no_slots_is_no_memory() -> None:
     )
 
 
-def test_naive_matches_hand_built_key_list() -> None:
+@pytest.mark.parametrize("fading_query", [False, True])
+def test_naive_matches_hand_built_key_list(fading_query: bool) -> None:
     length, window, mem_block, scale = 21, 4, 5, 0.3
-    inputs = make_inputs(length=length, window=window, slots=3, mem_block=mem_block, seed=7)
+    inputs = make_inputs(length=length, window=window, slots=3, mem_block=mem_block, seed=7, fading_query=fading_query)
     out = bmojo_attention(**inputs, scale=scale, backend="naive")
     group = 2  # query heads per kv head
     for batch, t, head in [(0, 0, 0), (1, 3, 1), (0, 9, 2), (1, 14, 3), (0, 20, 0), (1, 17, 2)]:
         kv_head = head // group
-        keys, values = [], []
+        query = inputs["q"][batch, t, head]
+        fading_query_row = inputs["fading_q"][batch, t, head] if fading_query else query
+        keys, values = [], []  # (query, key) pairs, and their values
         for j in range(length):
             if t - window + 1 <= j <= t:
-                keys.append(inputs["k"][batch, j, kv_head])
+                keys.append((query, inputs["k"][batch, j, kv_head]))
                 values.append(inputs["v"][batch, j, kv_head])
             if t - 2 * window + 1 <= j <= t - window:
-                keys.append(inputs["fading_k"][batch, j, kv_head])
+                keys.append((fading_query_row, inputs["fading_k"][batch, j, kv_head]))
                 values.append(inputs["fading_v"][batch, j, kv_head])
         block = t // mem_block
         for slot in range(3):
             valid = bool(inputs["mem_valid"][batch, block, slot])
             if valid and int(inputs["mem_pos"][batch, block, slot]) < t - window + 1:
-                keys.append(inputs["mem_k"][batch, block, slot, kv_head])
+                keys.append((query, inputs["mem_k"][batch, block, slot, kv_head]))
                 values.append(inputs["mem_v"][batch, block, slot, kv_head])
-        query = inputs["q"][batch, t, head].double()
-        logits = [scale * float(query @ key.double()) for key in keys]
+        logits = [scale * float(row.double() @ key.double()) for row, key in keys]
         top = max(logits)
         weights = [math.exp(logit - top) for logit in logits]
         expected = sum(w * value.double() for w, value in zip(weights, values, strict=True)) / sum(weights)
@@ -253,6 +279,8 @@ def test_auto_backend_matches_explicit_torch() -> None:
     [
         (dict(window=None), "fading keys need a window"),
         (dict(fading_v=None), "fading_k and fading_v together"),
+        (dict(fading_q=torch.zeros(2, 37, 4, 8), fading_k=None, fading_v=None), "pass fading_k and fading_v with it"),
+        (dict(fading_q=torch.zeros(2, 37, 2, 8)), r"fading_q must be \[B, T, Hq, D\]"),
         (dict(window=0), "window must be a positive int"),
         (dict(k=torch.zeros(2, 37, 3, 8)), "multiple of key/value heads"),
         (dict(v=torch.zeros(2, 36, 2, 8)), r"v must be \[B, T, Hkv, D\]"),

@@ -2,7 +2,8 @@
 
 Queries and keys sit at positions ``0..T-1``. Query ``t`` sees
 - local keys ``k_j``: ``j <= t`` (``window=None``, causal full attention) or ``j ∈ [t-w+1, t]``;
-- fading keys ``fading_k_j``: ``j ∈ [t-2w+1, t-w]`` (needs ``window``);
+- fading keys ``fading_k_j``: ``j ∈ [t-2w+1, t-w]`` (needs ``window``), scored with ``fading_q_t`` where it is
+  given (untied fading projections) and with ``q_t`` otherwise;
 - memory entries ``mem_k[c, m]`` of its own memory block ``c = t // mem_block`` that are valid and lie
   behind its local window (``mem_pos[c, m] < t-w+1``; needs ``window``).
 
@@ -31,6 +32,7 @@ def bmojo_attention(
     v: torch.Tensor,
     *,
     window: int | None,
+    fading_q: torch.Tensor | None = None,
     fading_k: torch.Tensor | None = None,
     fading_v: torch.Tensor | None = None,
     mem_k: torch.Tensor | None = None,
@@ -44,16 +46,17 @@ def bmojo_attention(
     """Attention of every query over the union of its local, fading and memory keys.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with ``Hq % Hkv == 0`` (query head h reads kv head
-    ``h // (Hq // Hkv)``); fading_k, fading_v: [B, T, Hkv, D]; mem_k, mem_v: [B, NB, M, Hkv, D] with
-    ``NB = ceil(T / mem_block)``; mem_pos: [B, NB, M] int64 original positions; mem_valid: [B, NB, M] bool.
-    ``scale`` defaults to ``D ** -0.5``. Returns o: [B, T, Hq, D] in q's dtype.
+    ``h // (Hq // Hkv)``); fading_q: [B, T, Hq, D] or None (then q scores the fading keys too); fading_k,
+    fading_v: [B, T, Hkv, D]; mem_k, mem_v: [B, NB, M, Hkv, D] with ``NB = ceil(T / mem_block)``; mem_pos:
+    [B, NB, M] int64 original positions; mem_valid: [B, NB, M] bool. ``scale`` defaults to ``D ** -0.5``.
+    Returns o: [B, T, Hq, D] in q's dtype.
     """
-    _validate(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block)
+    _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     implementation = ATTENTION.resolve(backend, q.device)
     return implementation(
-        q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, float(scale)
+        q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, float(scale)
     )
 
 
@@ -62,7 +65,7 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], lay
         raise ValueError(f"bmojo_attention: {name} must be {layout} = {expected}, got {tuple(tensor.shape)}")
 
 
-def _validate(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block) -> None:
+def _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block) -> None:
     if q.dim() != 4:
         raise ValueError(f"bmojo_attention: q must be [B, T, Hq, D], got shape {tuple(q.shape)}")
     if not q.is_floating_point():
@@ -90,6 +93,11 @@ def _validate(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_va
         _check_shape("fading_k", fading_k, kv_shape, "[B, T, Hkv, D]")
         _check_shape("fading_v", fading_v, kv_shape, "[B, T, Hkv, D]")
         floats |= {"fading_k": fading_k, "fading_v": fading_v}
+    if fading_q is not None:
+        if fading_k is None:
+            raise ValueError("bmojo_attention: fading_q scores fading keys; pass fading_k and fading_v with it")
+        _check_shape("fading_q", fading_q, tuple(q.shape), "[B, T, Hq, D]")
+        floats["fading_q"] = fading_q
 
     memory = {
         "mem_k": mem_k,
@@ -134,9 +142,10 @@ def _validate(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_va
 
 @ATTENTION.register("naive")
 def bmojo_attention_naive(
-    q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
-    """Reference: keys [local T | fading T | memory NB*M], one boolean mask, one fp32 softmax.
+    """Reference: keys [local T | fading T | memory NB*M], each set scored by its query, one boolean mask, one
+    fp32 softmax.
 
     Shapes as in :func:`bmojo_attention`; returns [B, T, Hq, D] in q's dtype.
     """
@@ -152,16 +161,20 @@ def bmojo_attention_naive(
     local = key_pos <= query_pos
     if window is not None:
         local &= key_pos >= query_pos - window + 1
-    keys, values, masks = [per_query_head(k)], [per_query_head(v)], [local.expand(batch, length, length)]
+    query = q.to(compute_dtype)
+    queries, keys, values = [query], [per_query_head(k)], [per_query_head(v)]
+    masks = [local.expand(batch, length, length)]
 
     if fading_k is not None:
         fading = (key_pos >= query_pos - 2 * window + 1) & (key_pos <= query_pos - window)
+        queries.append(query if fading_q is None else fading_q.to(compute_dtype))
         keys.append(per_query_head(fading_k))
         values.append(per_query_head(fading_v))
         masks.append(fading.expand(batch, length, length))
 
     if mem_k is not None:
         _, num_blocks, slots, kv_heads, _ = mem_k.shape
+        queries.append(query)
         keys.append(per_query_head(mem_k.reshape(batch, num_blocks * slots, kv_heads, head_dim)))
         values.append(per_query_head(mem_v.reshape(batch, num_blocks * slots, kv_heads, head_dim)))
         entry_block = torch.arange(num_blocks, device=q.device).repeat_interleave(slots)  # [NB*M]
@@ -169,8 +182,9 @@ def bmojo_attention_naive(
         behind_window = mem_pos.reshape(batch, 1, -1) < (query_pos - window + 1)  # [B, T, NB*M]
         masks.append(same_block & behind_window & mem_valid.reshape(batch, 1, -1))
 
-    all_keys, all_values, visible = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(masks, -1)
-    scores = torch.einsum("bthd,blhd->bhtl", q.to(compute_dtype), all_keys) * scale
+    scores = [torch.einsum("bthd,blhd->bhtl", rows, cols) for rows, cols in zip(queries, keys, strict=True)]
+    scores = torch.cat(scores, dim=-1) * scale
+    all_values, visible = torch.cat(values, 1), torch.cat(masks, -1)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhtl,blhd->bthd", probs, all_values).to(q.dtype)

@@ -9,6 +9,10 @@ queries fall in — side by side on one key axis, with one boolean mask saying w
 A single :func:`torch.nn.functional.scaled_dot_product_attention` over ``[B·NQ, H, block, L]`` then takes
 the softmax over the union of the three sets exactly: PyTorch's fused (flash) kernels on CPU and GPU, so no
 score tensor is materialised and the backward is fused as well. Work and memory are O(T·(w + M)), not O(T²).
+
+A fading query of its own (untied fading projections) still fits the one call: queries become ``[q | fading_q]``
+and keys ``[k | 0]``, ``[0 | fading_k]``, ``[mem_k | 0]`` along the head dimension, so every key meets its own
+query; values are zero-padded alike, since the fused kernels want one head size for all three.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def _memory_index_and_mask(
 
 
 def bmojo_attention_torch(
-    q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
     """The ``torch`` backend of :func:`bmojo.ops.attention.bmojo_attention` (inputs already validated).
 
@@ -74,11 +78,11 @@ def bmojo_attention_torch(
         )
         return out.transpose(1, 2)
     path = banded_attention if q.device.type == "cpu" and FLASH_OPS is not None else gathered_attention
-    return path(q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale)
+    return path(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale)
 
 
 def gathered_attention(
-    q, k, v, window, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
     """Windowed ``bmojo_attention``: every query block's keys gathered, one fused SDPA call (any device)."""
     batch, length, query_heads, head_dim = q.shape
@@ -87,12 +91,19 @@ def gathered_attention(
     num_blocks = -(-length // block)
     positions = torch.arange(num_blocks * block, device=q.device).view(num_blocks, block)
 
+    if window >= length:  # then no query has a fading key
+        fading_q = fading_k = fading_v = None
+    if fading_q is not None:
+        q, (k, v, fading_k, fading_v, mem_k, mem_v) = _with_fading_query(
+            q, fading_q, k, v, fading_k, fading_v, mem_k, mem_v
+        )
+
     # Every key set is a source of rows and, per query block, an index into it and a mask.
     far = min(window - 1, length - 1)  # keys further back than T-1 do not exist
     index, visible = _band(positions, length, 0, far)
     key_sources, value_sources = [k], [v]
     indices, masks = [index], [visible.expand(batch, -1, -1, -1)]
-    if fading_k is not None and window < length:  # with window >= T no query has a fading key
+    if fading_k is not None:
         index, visible = _band(positions, length, window, min(2 * window - 1, length - 1))
         key_sources.append(fading_k)
         value_sources.append(fading_v)
@@ -110,10 +121,10 @@ def gathered_attention(
 
     def gather(sources: list[torch.Tensor]) -> torch.Tensor:  # → [B·NQ, Hkv, L, D], one copy of the keys
         rows = torch.cat(sources, dim=1).index_select(1, index.flatten())
-        return rows.view(batch, num_blocks, -1, kv_heads, head_dim).transpose(2, 3).flatten(0, 1)
+        return rows.view(batch, num_blocks, -1, kv_heads, q.shape[-1]).transpose(2, 3).flatten(0, 1)
 
     padded_q = F.pad(q, (0, 0, 0, 0, 0, num_blocks * block - length))
-    blocked_q = padded_q.view(batch, num_blocks, block, query_heads, head_dim).transpose(2, 3)
+    blocked_q = padded_q.view(batch, num_blocks, block, query_heads, -1).transpose(2, 3)
     out = F.scaled_dot_product_attention(
         blocked_q.flatten(0, 1),  # [B·NQ, Hq, block, D]
         gather(key_sources),
@@ -122,5 +133,29 @@ def gathered_attention(
         scale=scale,
         enable_gqa=True,
     )
-    out = out.view(batch, num_blocks, query_heads, block, head_dim).transpose(2, 3)
-    return out.reshape(batch, num_blocks * block, query_heads, head_dim)[:, :length]
+    out = out.view(batch, num_blocks, query_heads, block, -1).transpose(2, 3)
+    return out.reshape(batch, num_blocks * block, query_heads, -1)[:, :length, :, :head_dim]
+
+
+def _with_fading_query(
+    q: torch.Tensor,
+    fading_q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fading_k: torch.Tensor,
+    fading_v: torch.Tensor,
+    mem_k: torch.Tensor | None,
+    mem_v: torch.Tensor | None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Inputs for one call where the fading keys meet ``fading_q`` and all others ``q`` (head dim D → 2D).
+
+    q, fading_q: [B, T, Hq, D] → [q | fading_q]; then (k, v, fading_k, fading_v, mem_k, mem_v) padded with D
+    zeros, in front for fading_k and behind for the others, so ``[q | fq] · [k | 0] = q · k`` and
+    ``[q | fq] · [0 | fk] = fq · fk``; each value keeps its first D channels, which are the output's.
+    """
+    queries = torch.cat([q, fading_q], dim=-1)
+    head_dim = q.shape[-1]
+    behind, in_front = (0, head_dim), (head_dim, 0)
+    padded = [F.pad(k, behind), F.pad(v, behind), F.pad(fading_k, in_front), F.pad(fading_v, behind)]
+    padded += [None, None] if mem_k is None else [F.pad(mem_k, behind), F.pad(mem_v, behind)]
+    return queries, padded
