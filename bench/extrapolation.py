@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bmojo.eval.family import FAMILY, compose_bench_run, parameter_count
+from bmojo.eval.family import FAMILY, compose_bench_run, parameter_fields
 from bmojo.eval.perplexity import heldout_perplexity
 from bmojo.train import load_model_and_tokenizer, register_configs, train
 from bmojo.train.checkpoint import latest_checkpoint
@@ -40,7 +40,7 @@ def run_member(args: argparse.Namespace, member: str) -> dict:
     )
     return {
         "member": member,
-        "parameters": parameter_count(model.config),
+        **parameter_fields(model.config),
         "train_len": config.data.seq_len,
         "steps": config.trainer.max_steps,
         "train_s": train_s,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bmojo.eval.family import FAMILY, compose_bench_run, parameter_count
+from bmojo.eval.family import FAMILY, compose_bench_run, parameter_fields
 from bmojo.eval.mqar import evaluate_mqar
 from bmojo.train import load_model_and_tokenizer, register_configs, train
 
@@ -60,7 +60,7 @@ def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, me
         "window": model.config.window_size,
         "gap": data.mqar.gap,
         "steps": summary.step,
-        "parameters": parameter_count(model.config),
+        **parameter_fields(model.config),
         "accuracy": result.accuracy,
         "queries": result.queries,
         "value_in_memory": result.value_in_memory,

@@ -22,7 +22,7 @@ from bmojo.eval.family import (
     add_size_arguments,
     family_configs,
     median_seconds,
-    parameter_count,
+    parameter_fields,
     size_fields,
     start_run,
     synchronize,
@@ -72,7 +72,7 @@ def bench_length(args: argparse.Namespace, seq_len: int) -> dict:
     rows = {}
     for member, config in configs.items():
         rows[member] = {
-            "parameters": parameter_count(config),
+            **parameter_fields(config),
             "intermediate_size": config.intermediate_size,
             "step_s": seconds[member],
             "tokens_per_s": batch * seq_len / seconds[member],

@@ -32,19 +32,40 @@ def test_model_schema_matches_bmojo_config():
 
 
 def test_every_family_member_exists_at_every_size():
-    assert set(options("model")) == {f"{member}_{size}" for member in FAMILY for size in [*SIZES, "tiny"]}
+    members = [*FAMILY, "M2"]  # M2: the published Mamba-2 (no MLP, its own layer counts)
+    assert set(options("model")) == {f"{member}_{size}" for member in members for size in [*SIZES, "tiny"]}
+
+
+def meta_model(compose_recipe, overrides: list[str]):
+    config = OmegaConf.to_object(compose_recipe([*overrides, "model.vocab_size=50304"]))
+    with torch.device("meta"):
+        return build_model(config.model, byte_tokenizer())
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_family_members_of_one_size_have_comparable_parameter_counts(compose_recipe, size):
-    tokenizer = byte_tokenizer()
+def test_family_members_of_one_size_have_comparable_language_model_parameter_counts(compose_recipe, size):
     for member in FAMILY:
-        config = OmegaConf.to_object(compose_recipe([f"model={member}_{size}", "model.vocab_size=50304"]))
-        with torch.device("meta"):
-            model = build_model(config.model, tokenizer)
-        count = sum(p.numel() for p in model.parameters())
-        assert abs(count / SIZES[size] - 1) < 0.03, f"{member}_{size}: {count:,} parameters"
-        assert model.config.window_size == 2048 and set(model.config.layer_pattern) == set(member)
+        model = meta_model(compose_recipe, [f"model={member}_{size}"])
+        language_model, auxiliary = model.parameter_counts()
+        assert abs(language_model / SIZES[size] - 1) < 0.03, f"{member}_{size}: {language_model:,} parameters"
+        assert model.config.window_size == 512 and set(model.config.layer_pattern) == set(member)
+        # Only B has parameters that only the auxiliary loss trains: its low-rank innovation predictor.
+        assert (auxiliary > 0) == (member == "B")
+        if member == "B":
+            rank = model.config.innovation_rank
+            assert rank is not None and auxiliary == 2 * rank * model.config.hidden_size * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    ("size", "layers", "hidden"), [("130m", 24, 768), ("370m", 48, 1024), ("790m", 48, 1536), ("1.4b", 48, 2048)]
+)
+def test_m2_presets_are_the_published_mamba2_layouts(compose_recipe, size, layers, hidden):
+    model = meta_model(compose_recipe, [f"model=M2_{size}"])
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (layers, hidden)
+    assert all(block.mlp is None for block in model.model.layers)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings
+    language_model, _ = model.parameter_counts()
+    assert abs(language_model / SIZES[size] - 1) < 0.05, f"M2_{size}: {language_model:,} parameters"
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

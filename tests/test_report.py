@@ -24,7 +24,8 @@ def results(tmp_path: Path) -> list[Path]:
         "chance": 1 / 16,
         "runs": [
             {"member": m, "filler": f, "num_pairs": k, "memory_size": 24, "accuracy": acc, "parameters": 1000,
-             "train_s": 90.0, "value_in_memory": [0.5, 0.875] if m == "B" else []}
+             "auxiliary_parameters": 64 if m == "B" else 0, "train_s": 90.0,
+             "value_in_memory": [0.5, 0.875] if m == "B" else []}
             for m, f, k, acc in [("B", "periodic", 4, 0.99), ("B", "periodic", 16, 0.41), ("W", "noise", 4, 0.07)]
         ],
     }  # fmt: skip
@@ -64,9 +65,10 @@ def test_report_has_a_table_and_a_plot_per_benchmark(results, tmp_path):
     markdown = build_report(results, tmp_path / "out").read_text()
     for title in ["Multi-query associative recall", "Length extrapolation", "Training throughput", "Decoding"]:
         assert f"## {title}" in markdown
-    assert "| B'MOJO (B) | periodic | 16 | 24 | 0.410 | 0.50, 0.88 | 1,000 | 1.5 |" in markdown
+    assert "| B'MOJO (B) | periodic | 16 | 24 | 0.410 | 0.50, 0.88 | 1,000 | 64 | 1.5 |" in markdown
+    assert "| LM parameters | aux parameters |" in markdown
     assert "| B'MOJO-F (F) | 12.00 (1.000) | 11.40 (0.950) |" in markdown
-    assert "| 8192 | B'MOJO (B) | 5 | 70 | 0.70 | - |" in markdown
+    assert "| 8192 | B'MOJO (B) | 5 | - | 70 | 0.70 | - |" in markdown  # recorded without an auxiliary count
     assert "| 8192 | Transformer (A) | 9.50 | 1.00 | 8,192 |" in markdown
     for name in ["mqar", "extrapolation", "throughput", "decode"]:
         assert f"]({name}.png)" in markdown

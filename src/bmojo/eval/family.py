@@ -19,18 +19,30 @@ FAMILY = ("A", "W", "M", "MW", "F", "B")
 MEMBER_NAMES = {
     "A": "Transformer",
     "W": "sliding window",
-    "M": "Mamba-2",
+    "M": "Mamba-2 mixer + SwiGLU",
     "MW": "Mamba-2 + SWA",
     "F": "B'MOJO-F",
     "B": "B'MOJO",
 }
 
 
-def parameter_count(config: BmojoConfig) -> int:
-    """Parameters of the model ``config`` describes (built on the meta device: no memory, no time)."""
+def parameter_counts(config: BmojoConfig) -> tuple[int, int]:
+    """(language-model, auxiliary-only) parameters of the model ``config`` describes, built on the meta device
+    (no memory, no time). Auxiliary-only parameters (B's innovation predictor) get no gradient from the
+    language-model loss, so they are counted apart."""
     with torch.device("meta"):
-        model = BmojoForCausalLM(config)
-    return sum(p.numel() for p in model.parameters())
+        return BmojoForCausalLM(config).parameter_counts()
+
+
+def parameter_fields(config: BmojoConfig) -> dict[str, int]:
+    """A benchmark row's parameter columns: ``parameters`` (language model) and ``auxiliary_parameters``."""
+    language_model, auxiliary = parameter_counts(config)
+    return {"parameters": language_model, "auxiliary_parameters": auxiliary}
+
+
+def parameter_count(config: BmojoConfig) -> int:
+    """Language-model parameters of the model ``config`` describes: the budget members are matched on."""
+    return parameter_counts(config)[0]
 
 
 def match_parameters(layer_pattern: str, target: int, multiple: int = 8, **fields) -> BmojoConfig:
@@ -45,7 +57,8 @@ def match_parameters(layer_pattern: str, target: int, multiple: int = 8, **field
 
 
 def family_configs(members: tuple[str, ...] = FAMILY, reference: str = "B", **fields) -> dict[str, BmojoConfig]:
-    """Each member at the parameter count of ``reference`` built from ``fields`` (its own MLP width kept)."""
+    """Each member at the language-model parameter count of ``reference`` built from ``fields`` (its own MLP width
+    kept)."""
     target = parameter_count(BmojoConfig(layer_pattern=reference, **fields))
     return {member: match_parameters(member, target, **fields) for member in members}
 

@@ -40,6 +40,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+# Language-model parameters (the budget members are matched on) and those only an auxiliary loss trains.
+PARAMETER_COLUMNS = ("LM parameters", "aux parameters")
+
+
+def _parameters(row: dict) -> list[str]:
+    """A row's two parameter cells (``-`` for the auxiliary count of a result recorded without it)."""
+    auxiliary = row.get("auxiliary_parameters")
+    return [f"{row['parameters']:,}", "-" if auxiliary is None else f"{auxiliary:,}"]
+
+
 def _setting(run: dict) -> str:
     """The filler of an MQAR run, with the variant its sweep was tagged with."""
     return run["filler"] + (f" ({run['variant']})" if run.get("variant") else "")
@@ -59,7 +69,7 @@ def mqar_section(report: dict, figure: Path) -> str:
         memory = ", ".join(f"{share:.2f}" for share in run.get("value_in_memory", [])) or "-"
         rows.append(
             [_name(run["member"]), _setting(run), str(run["num_pairs"]), str(run.get("memory_size") or "-"),
-             f"{run['accuracy']:.3f}", memory, f"{run['parameters']:,}", f"{run['train_s'] / 60:.1f}"]
+             f"{run['accuracy']:.3f}", memory, *_parameters(run), f"{run['train_s'] / 60:.1f}"]
         )  # fmt: skip
     _mqar_figure(runs, settings, order, figure)
     chance = report.get("chance")
@@ -67,7 +77,7 @@ def mqar_section(report: dict, figure: Path) -> str:
     return (
         f"{note}M: B'MOJO's memory size (entries). `value in memory`: per B layer, the share of queries whose "
         "value the memory held when the key was queried.\n\n"
-        + _table(["member", "filler", "K", "M", "accuracy", "value in memory", "parameters", "train min"], rows)
+        + _table(["member", "filler", "K", "M", "accuracy", "value in memory", *PARAMETER_COLUMNS, "train min"], rows)
     )
 
 
@@ -146,7 +156,7 @@ def throughput_section(report: dict, figure: Path) -> str:
             row = result["members"][member]
             ratios = [f"{row[key]:.2f}" if key in row else "-" for key in ("vs_A", "vs_W")]
             rows.append(
-                [str(result["seq_len"]), _name(member), f"{row['parameters']:,}", f"{row['tokens_per_s']:,.0f}"]
+                [str(result["seq_len"]), _name(member), *_parameters(row), f"{row['tokens_per_s']:,.0f}"]
                 + ratios
             )
             series.setdefault(member, []).append((result["seq_len"], row["tokens_per_s"]))
@@ -163,7 +173,7 @@ def throughput_section(report: dict, figure: Path) -> str:
         f"{report['tokens_per_step']} tokens a step, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
         f"layers, window {model['window_size']}, memory {model['memory_size']}; {_where(report)}"
         + ("; every block compiled (`torch.compile`).\n\n" if report.get("compiled") else ".\n\n")
-        + _table(["T", "member", "parameters", "tokens/s", "vs A", "vs W"], rows)
+        + _table(["T", "member", *PARAMETER_COLUMNS, "tokens/s", "vs A", "vs W"], rows)
     )
 
 

@@ -20,6 +20,7 @@ from bmojo.config import BmojoConfig
 from bmojo.model.attention import AttentionMixer, AttentionState
 from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
+from bmojo.model.memory import InnovationPredictor
 
 
 class BmojoCache(Cache):
@@ -211,6 +212,23 @@ class BmojoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.conv1d.bias)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.frequencies())
+
+    def auxiliary_parameter_names(self) -> set[str]:
+        """Names of the parameters only an auxiliary loss trains (the innovation predictors of B layers): the
+        language-model loss never reaches them, so parameter budgets leave them out."""
+        return {
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.named_modules()
+            if isinstance(module, InnovationPredictor)
+            for name, _ in module.named_parameters()
+        }
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(language-model, auxiliary-only) parameter counts; tied weights counted once."""
+        auxiliary = self.auxiliary_parameter_names()
+        named = dict(self.named_parameters())
+        aux_count = sum(p.numel() for name, p in named.items() if name in auxiliary)
+        return sum(p.numel() for p in named.values()) - aux_count, aux_count
 
     def _residual_branches(self) -> int:
         """Additions into the residual stream: a mixer per layer, and an MLP per layer unless there is none."""
