@@ -155,6 +155,7 @@ class BmojoOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
     cache: BmojoCache | None = None
     aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -165,6 +166,7 @@ class BmojoCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: BmojoCache | None = None
     aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class BmojoPreTrainedModel(PreTrainedModel):
@@ -314,9 +316,17 @@ class BmojoModel(BmojoPreTrainedModel):
         cache: BmojoCache | None = None,
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        position_ids: torch.LongTensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BmojoOutput:
-        """input_ids: [B, T] -> last_hidden_state [B, T, D]; with ``use_cache`` continues/returns ``cache``."""
+        """input_ids: [B, T] -> last_hidden_state [B, T, D]; with ``use_cache`` continues/returns ``cache``.
+
+        ``position_ids`` / ``cache_position`` are accepted only as the running positions the model uses anyway;
+        ``output_hidden_states`` gives the embeddings and every layer's output (the last one normed), as
+        transformers models do, in the parallel form.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -324,17 +334,30 @@ class BmojoModel(BmojoPreTrainedModel):
                 "padded batches are not supported: B'MOJO's recurrent state and eidetic memory would absorb the "
                 "padding. Pack sequences to equal length, or run prompts of different lengths separately."
             )
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported: the attention runs fused over local, fading and memory keys "
+                "and keeps no attention weights"
+            )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if cache is not None and not isinstance(cache, BmojoCache):
             raise TypeError(f"cache must be a BmojoCache (from a previous output), got {type(cache).__name__}")
         if use_cache and cache is None:
             cache = BmojoCache(self.config)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        start = cache.seen_tokens if cache is not None else 0
+        for name, positions in (("position_ids", position_ids), ("cache_position", cache_position)):
+            _check_running_positions(name, positions, start, x.shape[1])
         aux_total = x.new_zeros((), dtype=torch.float32)
+        all_hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is not None and cache.seen_tokens:  # continuing: the recurrent form
+            if all_hidden is not None:
+                raise ValueError("output_hidden_states is supported in the parallel forward, not when continuing a cache")
             hidden = self._decode(x, cache)
         else:  # the parallel form, filling a cache if one is given (a prefill)
             for idx, block in enumerate(self.layers):
+                if all_hidden is not None:
+                    all_hidden.append(x)
                 if self.gradient_checkpointing and self.training and cache is None:
                     x, aux = self._gradient_checkpointing_func(block.__call__, x, None, idx)
                 else:
@@ -348,6 +371,20 @@ class BmojoModel(BmojoPreTrainedModel):
             last_hidden_state=hidden,
             cache=cache if use_cache else None,
             aux_loss=aux_total * self.config.aux_loss_weight,
+            hidden_states=None if all_hidden is None else (*all_hidden, hidden),
+        )
+
+
+def _check_running_positions(name: str, positions: torch.Tensor | None, start: int, length: int) -> None:
+    """Refuse positions other than ``start ... start + length - 1`` in every row: the model places tokens at
+    those absolute positions itself (RoPE, windows and memory blocks all follow from them)."""
+    if positions is None:
+        return
+    expected = torch.arange(start, start + length, device=positions.device)
+    if positions.shape[-1] != length or not bool((positions == expected).all()):
+        raise ValueError(
+            f"{name} must be the running positions {start}..{start + length - 1} (the model places tokens at their "
+            "absolute positions itself); other positions (packed documents, padding offsets) are not supported"
         )
 
 
@@ -392,15 +429,27 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> BmojoCausalLMOutput:
-        """input_ids, labels: [B, T] (labels unshifted; -100 ignored) -> logits [B, T, V] and losses."""
+        position_ids: torch.LongTensor | None = None,
+        cache_position: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BmojoCausalLMOutput | tuple:
+        """input_ids, labels: [B, T] (labels unshifted; -100 ignored) -> logits [B, T, V] and losses.
+
+        Arguments the model cannot honour raise (see :meth:`BmojoModel.forward`); ``return_dict=False`` gives the
+        output's fields as a tuple, as transformers models do.
+        """
         out = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
             attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -413,4 +462,7 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             loss = lm_loss + out.aux_loss
-        return BmojoCausalLMOutput(loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss)
+        output = BmojoCausalLMOutput(
+            loss=loss, logits=logits, cache=out.cache, aux_loss=out.aux_loss, hidden_states=out.hidden_states
+        )
+        return output if return_dict is None or return_dict else output.to_tuple()
