@@ -352,7 +352,7 @@ class BmojoModel(BmojoPreTrainedModel):
         all_hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is not None and cache.seen_tokens:  # continuing: the recurrent form
             if all_hidden is not None:
-                raise ValueError("output_hidden_states is supported in the parallel forward, not when continuing a cache")
+                raise ValueError("output_hidden_states works in the parallel forward, not when continuing a cache")
             hidden = self._decode(x, cache)
         else:  # the parallel form, filling a cache if one is given (a prefill)
             for idx, block in enumerate(self.layers):
