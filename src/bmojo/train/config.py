@@ -115,6 +115,8 @@ class TrainerConfig:
     resume: Resume = Resume.auto
     init_from: str | None = None  # a checkpoint folder, a run folder or an exported Hugging Face folder
     max_nonfinite_in_a_row: int = 20
+    # Train even where data.seq_len leaves a windowed model's fading or eidetic memory unreachable (no gradient).
+    allow_unreachable_memory: bool = False
     export_at_end: bool = True
     sample_prompt: str = "def "
     sample_tokens: int = 64

@@ -44,7 +44,7 @@ from bmojo.train.export import export_model, generate_sample
 from bmojo.train.metrics import MetricsLog
 from bmojo.train.processes import is_one_process_recipe, launched_processes, runs_in_parallel
 from bmojo.train.schedule import lr_multiplier
-from bmojo.train.trainer import Trainer, TrainSummary, build_model
+from bmojo.train.trainer import Trainer, TrainSummary, build_model, check_memory_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,9 @@ class ParallelTrainer(Trainer):
             model, tokenizer = load_model_and_tokenizer(cfg.trainer.init_from)
             if self.is_main:
                 logger.info("fine-tuning from %s", cfg.trainer.init_from)
+        check_memory_reachable(
+            model.config if model else cfg.model, cfg.data.seq_len, cfg.trainer.allow_unreachable_memory
+        )
         started = time.perf_counter()
         self.tokenizer, self.data = self._prepare_data(tokenizer)
         self.timings = {"data_s": time.perf_counter() - started}

@@ -69,6 +69,38 @@ def build_model(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -
     return BmojoForCausalLM(config)
 
 
+def check_memory_reachable(
+    model: ModelConfig | BmojoConfig, seq_len: int, allow_unreachable: bool = False
+) -> None:
+    """Refuse a training length at which a windowed model's fading or eidetic memory gets no gradient.
+
+    A query at t sees fading keys only once t >= w, and a memory entry only after it has left the window (w
+    tokens behind) and its block of Q_e has ended; at a shorter length the SSM inside F/B and B's memory are
+    never read, so they get exactly zero gradient (and W is A). F and B need seq_len >= 2w (DESIGN §2.4b), B
+    also >= w + Q_e, W more than w tokens. ``allow_unreachable`` (trainer.allow_unreachable_memory) lets it be.
+    """
+    letters = set(model.layer_pattern)
+    window = model.window_size
+    needs = []
+    if letters & set("FB"):
+        needs.append((2 * window, "F and B layers see fading keys only at t >= window"))
+    if "B" in letters:
+        block = model.memory_block or window
+        needs.append((window + block, "B's memory entries are read only once they left the window"))
+    if "W" in letters:
+        needs.append((window + 1, "W layers are full attention when the sequence fits in the window"))
+    if allow_unreachable or not needs:
+        return
+    shortest, reason = max(needs)
+    if seq_len < shortest:
+        raise ValueError(
+            f"data.seq_len={seq_len} leaves the memory of model {model.layer_pattern!r} with "
+            f"model.window_size={window} unreachable ({reason}), so it gets no gradient: train at "
+            f"data.seq_len >= {shortest} or lower model.window_size, or set trainer.allow_unreachable_memory=true "
+            "if you mean it"
+        )
+
+
 def compile_blocks(model: BmojoForCausalLM) -> None:
     """``torch.compile`` every block in place, as torchtitan applies it: from outside the model code, one block at
     a time (the blocks share their compiled code). Parameter names, and so checkpoints, stay as they are."""
@@ -106,6 +138,9 @@ class Trainer:
         elif cfg.trainer.init_from:
             model, tokenizer = load_model_and_tokenizer(cfg.trainer.init_from)
             logger.info("fine-tuning from %s", cfg.trainer.init_from)
+        check_memory_reachable(
+            model.config if model else cfg.model, cfg.data.seq_len, cfg.trainer.allow_unreachable_memory
+        )
         started = time.perf_counter()
         self.tokenizer, self.data = prepare_data(cfg.data, cfg.seed, tokenizer)
         self.timings = {"data_s": time.perf_counter() - started}
@@ -132,8 +167,14 @@ class Trainer:
             self._restore(resume_from)
         (self.run_dir / "config.yaml").write_text(self.config_yaml)
         self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
-        parameters = sum(p.numel() for p in self.model.parameters())
-        logger.info("model %s: %s parameters on %s", self.model.config.layer_pattern, f"{parameters:,}", self.device)
+        lm_count, aux_count = self.model.parameter_counts()
+        logger.info(
+            "model %s: %s language-model parameters (+%s trained only by the auxiliary loss) on %s",
+            self.model.config.layer_pattern,
+            f"{lm_count:,}",
+            f"{aux_count:,}",
+            self.device,
+        )
 
     def _resume_folder(self) -> Path | None:
         found = latest_checkpoint(self.checkpoint_root)
