@@ -1,10 +1,13 @@
 """Length extrapolation: train each member at one length, measure held-out perplexity at 1x, 2x, 4x and 8x.
 
     python bench/extrapolation.py [--members A F B] [--multiples 1 2 4 8] [--json ...]
+    python bench/extrapolation.py --members F B --override model.memory_rope=false --tag no-memory-rope
+        --json bench/results/extrapolation_no_memory_rope.json      (one command: memory keys without RoPE)
 
 Each member trains with ``experiment=extrapolation_<member>`` (plus any ``--override``) in ``--runs/<member>``
-(a finished run is reused); then every length reads the same held-out tokens (the split is packed at the
-longest length and cut), so perplexities differ only by how much context each token had.
+(``<member>_<tag>`` with ``--tag``; a finished run is reused); then every length reads the same held-out tokens
+(the split is packed at the longest length and cut), so perplexities differ only by how much context each token
+had.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from bmojo.train.checkpoint import latest_checkpoint
 
 
 def run_member(args: argparse.Namespace, member: str) -> dict:
-    run_dir = args.runs / member
+    run_dir = args.runs / (f"{member}_{args.tag}" if args.tag else member)
     overrides = [f"experiment=extrapolation_{member}", *args.override]
     config = OmegaConf.to_object(compose_bench_run(overrides, run_dir, args.threads))
     started = time.perf_counter()
@@ -40,6 +43,8 @@ def run_member(args: argparse.Namespace, member: str) -> dict:
     )
     return {
         "member": member,
+        "variant": args.tag,
+        "overrides": overrides,
         **parameter_fields(model.config),
         "train_len": config.data.seq_len,
         "steps": config.trainer.max_steps,
@@ -55,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=16, help="held-out blocks of the longest length")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--override", nargs="*", default=[], help="extra recipe overrides for every run")
+    parser.add_argument("--tag", default="", help="names a variant made by --override (run folders, results)")
     parser.add_argument("--retrain", action="store_true", help="train again even where a run exists")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--runs", type=Path, default=Path("runs/extrapolation"))

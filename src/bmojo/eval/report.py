@@ -136,8 +136,9 @@ def extrapolation_section(report: dict, figure: Path) -> str:
     for run in sorted(report["runs"], key=lambda r: FAMILY.index(r["member"]) if r["member"] in FAMILY else 99):
         by_length = {row["length"]: row["perplexity"] for row in run["perplexity"]}
         base = by_length[train_len]
-        rows.append([_name(run["member"])] + [f"{by_length[n]:.2f} ({by_length[n] / base:.3f})" for n in lengths])
-        axis.plot(lengths, [by_length[n] for n in lengths], marker="o", label=_name(run["member"]))
+        label = _name(run["member"]) + (f" ({run['variant']})" if run.get("variant") else "")
+        rows.append([label] + [f"{by_length[n]:.2f} ({by_length[n] / base:.3f})" for n in lengths])
+        axis.plot(lengths, [by_length[n] for n in lengths], marker="o", label=label)
     axis.set(xscale="log", xlabel="context length", ylabel="perplexity")
     _label_ticks(axis, lengths)
     axis.axvline(train_len, color="grey", linestyle=":", linewidth=1)
