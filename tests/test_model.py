@@ -43,12 +43,19 @@ def build(config: BmojoConfig, seed: int = 0) -> BmojoForCausalLM:
 SEQ_LEN = 45
 CASES = [("A", {}), ("W", {}), ("M", {}), ("F", {}), ("F", {"tie_fading_proj": False, "qk_norm": True})]
 CASES += [("B", {"memory_threshold": 0.0}), ("B", {"innovation_rank": 8, "memory_block": 5})]
+CASES += [("B", {"memory_threshold": 0.0, "tie_fading_proj": False, "qk_norm": True})]
+# Memory keys without positional encoding: un-rotated from the ring when a decoded block joins the memory.
+CASES += [("B", {"memory_threshold": 0.0, "memory_rope": False}), ("B", {"memory_rope": False, "memory_block": 5})]
 # A memory block longer than the window: the local ring keeps keys the window no longer shows.
 CASES += [("B", {"memory_threshold": 0.0, "memory_block": 12, "memory_size": 4})]
 CASES += [("MWFBA", {"memory_threshold": 0.0})]
 
 
-@pytest.mark.parametrize("pattern,overrides", CASES)
+def case_id(pattern: str, overrides: dict) -> str:
+    return "-".join([pattern, *(f"{name}={value}" for name, value in overrides.items())])
+
+
+@pytest.mark.parametrize("pattern,overrides", CASES, ids=[case_id(*case) for case in CASES])
 def test_token_by_token_decoding_matches_parallel_forward(pattern, overrides):
     config = tiny_config(pattern, layers=max(2, len(pattern)), **overrides)
     model = build(config)
@@ -167,6 +174,81 @@ def test_eidetic_selection_is_causal(monkeypatch):
             assert torch.equal(value[:, rows], after[name][:, rows]), name
         # The change must be visible to later blocks, else the test would prove nothing.
         assert any(not torch.equal(value, after[name]) for name, value in before.items())
+
+
+FADING_QUERY_PARTS = ("fading_q_proj", "fading_q_norm", "fading_k_proj", "fading_k_norm", "fading_v_proj")
+
+
+@pytest.mark.parametrize("pattern", ["F", "B"])
+def test_untied_fading_projections_own_a_query_and_qk_norms_that_learn(pattern):
+    # As the B'MOJO-F release unties them: the fading keys' query, key and value projections and both QK-norms.
+    tied = build(tiny_config(pattern, qk_norm=True)).model.layers[0].mixer
+    assert all(getattr(tied, name) is None for name in FADING_QUERY_PARTS)
+    model = build(tiny_config(pattern, qk_norm=True, tie_fading_proj=False)).train()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))  # T = 5w: fading keys seen
+    model(ids, labels=ids).loss.backward()
+    for index, block in enumerate(model.model.layers):
+        mixer = block.mixer
+        own = {name: getattr(mixer, name).weight for name in FADING_QUERY_PARTS}
+        shared = [mixer.q_proj.weight, mixer.k_proj.weight, mixer.v_proj.weight, mixer.q_norm.weight]
+        shared.append(mixer.k_norm.weight)
+        for name, weight in own.items():
+            assert all(weight.data_ptr() != other.data_ptr() for other in shared), f"layer {index}: {name} is shared"
+            assert weight.grad is not None and bool(weight.grad.abs().sum() > 0), f"layer {index}: {name} no gradient"
+
+
+def test_fading_query_scores_the_fading_keys_and_only_them():
+    # Untied projections holding the tied ones' weights are the tied model; a different fading query then
+    # changes exactly the outputs of positions t >= w, the ones with fading keys in view.
+    tied = build(tiny_config("F", qk_norm=True))
+    with torch.no_grad():
+        for block in tied.model.layers:
+            for norm in (block.mixer.q_norm, block.mixer.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    untied = BmojoForCausalLM(tiny_config("F", qk_norm=True, tie_fading_proj=False)).eval()
+    loaded = untied.load_state_dict(tied.state_dict(), strict=False)
+    assert not loaded.unexpected_keys and all(".fading_" in name for name in loaded.missing_keys)
+    with torch.no_grad():
+        for block in untied.model.layers:
+            mixer = block.mixer
+            for name in FADING_QUERY_PARTS:
+                getattr(mixer, name).weight.copy_(getattr(mixer, name.removeprefix("fading_")).weight)
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = tied(ids).logits
+        torch.testing.assert_close(untied(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        untied.model.layers[0].mixer.fading_q_proj.weight.mul_(-2.0)
+        changed = untied(ids).logits
+    window = untied.config.window_size
+    torch.testing.assert_close(changed[:, :window], expected[:, :window], rtol=1e-5, atol=1e-5)
+    assert bool(((changed[:, window:] - expected[:, window:]).abs().amax(-1) > 1e-3).all())
+
+
+@pytest.mark.parametrize("memory_rope", [True, False])
+def test_memory_keys_without_rope_do_not_depend_on_the_position(memory_rope, monkeypatch):
+    # One layer reading one repeated token: every position has the same key before RoPE, which is the key RoPE
+    # leaves at position 0. Without RoPE every memory entry holds exactly that key (so it scores the same against
+    # a query wherever the token sat); with RoPE the entries differ by position.
+    model = build(tiny_config("B", layers=1, memory_threshold=0.0, memory_rope=memory_rope))
+    seen = {}
+    original = attention_module.bmojo_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.update(k=k, mem_k=kwargs["mem_k"], mem_pos=kwargs["mem_pos"], mem_valid=kwargs["mem_valid"])
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module, "bmojo_attention", recording)
+    with torch.no_grad():
+        model(torch.full((1, 48), 5), use_cache=False)
+    valid = seen["mem_valid"]
+    entries, positions = seen["mem_k"][valid], seen["mem_pos"][valid]  # [N, Hkv, Dh], [N]
+    assert positions.unique().numel() > 3, "the memory should hold the token at several positions"
+    unrotated = seen["k"][0, 0].expand_as(entries)
+    if memory_rope:
+        torch.testing.assert_close(entries, seen["k"][0, positions])
+        assert not torch.allclose(entries[positions > 0], unrotated[positions > 0], atol=1e-3)
+    else:
+        torch.testing.assert_close(entries, unrotated, rtol=1e-6, atol=1e-6)
 
 
 def test_aux_loss_trains_only_the_predictor():

@@ -35,13 +35,14 @@ class AttentionState:
     more each token. Windowed letters: [B, Hkv, S, Dh], S fixed slots laid out [local ring (R) | fading (w) |
     memory (M)]: local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer,
     so a finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
-    eidetic memory's entries in :class:`MemoryFIFO` order. mask: [B, 1, 1, S] additive (0 or -inf), which
-    slots the last query saw; pending_*: [B, Hkv, w, Dh] fading keys of the last ``w`` positions at slot
-    ``p % w``, waiting to fall behind the window; ssm: the inner SSM's state; prev_s: [B, 1, D] last SSM output;
-    block_scores: [B, Q_e] innovation ratios of the unfinished memory block at slot ``p % Q_e``; memory_reveal:
-    [B, 1, 1, M] first query position that may read each memory slot (the entry has left the window), and
-    next_reveal the first of them still ahead; rope: :meth:`RotaryEmbedding.tables`
-    of the ``ROPE_BLOCK`` positions around the next one, computed once a block instead of once a token.
+    eidetic memory's entries in :class:`MemoryFIFO` order (their keys not rotated where ``memory_rope`` is off).
+    mask: [B, 1, 1, S] additive (0 or -inf), which slots the last query saw; pending_*: [B, Hkv, w, Dh] fading
+    keys of the last ``w`` positions at slot ``p % w``, waiting to fall behind the window; ssm: the inner SSM's
+    state; prev_s: [B, 1, D] last SSM output; block_scores: [B, Q_e] innovation ratios of the unfinished memory
+    block at slot ``p % Q_e``; memory_reveal: [B, 1, 1, M] first query position that may read each memory slot
+    (the entry has left the window), and next_reveal the first of them still ahead; rope:
+    :meth:`RotaryEmbedding.tables` of the ``ROPE_BLOCK`` positions around the next one, computed once a block
+    instead of once a token.
     """
 
     keys: torch.Tensor
@@ -77,12 +78,19 @@ class AttentionMixer(nn.Module):
         self.ssm = Mamba2Mixer(config) if letter in "FB" else None
         if self.ssm is not None:
             mark_init(self.ssm.out_proj, InitRole.fading_output)
-        # Fading keys/values reuse k_proj/v_proj unless untied (then these own projections exist).
+        # Fading keys/values reuse k_proj/v_proj and are scored by the query, unless untied: then, as in the
+        # B'MOJO-F release, the fading keys have their own key/value projections and QK-norm, and are scored by a
+        # query of their own (its own projection of h and QK-norm), still under the one softmax.
         untied = self.ssm is not None and not config.tie_fading_proj
+        self.fading_q_proj = nn.Linear(d, hq, bias=False) if untied else None
         self.fading_k_proj = nn.Linear(d, hkv, bias=False) if untied else None
         self.fading_v_proj = nn.Linear(d, hkv, bias=False) if untied else None
+        self.fading_q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if untied and config.qk_norm else None
+        self.fading_k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if untied and config.qk_norm else None
         self.predictor = InnovationPredictor(d, config.innovation_rank) if letter == "B" else None
         if self.predictor is not None:
+            # False: memory keys carry no positional encoding (the key before RoPE); queries keep theirs.
+            self.memory_rope = config.memory_rope
             self.memory_size = config.memory_size
             self.memory_topk = config.memory_topk
             self.memory_block = config.memory_block
@@ -95,23 +103,20 @@ class AttentionMixer(nn.Module):
             # From this position on every slot is visible (W, F), so the decode attention needs no mask.
             self.unmasked_from = None if self.predictor is not None else self.memory_start - 1
 
-    def _keys(self, proj_k: nn.Linear, proj_v: nn.Linear, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        k = proj_k(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = proj_v(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return self.rope(k, rope), v
+    def _heads(self, proj: nn.Linear, norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, H, Dh] through ``proj`` and the QK-norm ``norm`` if any, before RoPE."""
+        y = proj(x).unflatten(-1, (-1, self.head_dim))
+        return y if norm is None else norm(y)
 
-    def _fading_keys(self, s: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    def _fading_keys(
+        self, s: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fading keys (rotated) and values of the SSM output s: [B, T, D] -> each [B, T, Hkv, Dh]."""
         if self.fading_k_proj is None:
-            return self._keys(self.k_proj, self.v_proj, s, rope)
-        return self._keys(self.fading_k_proj, self.fading_v_proj, s, rope)
-
-    def _queries(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.q_proj(h).unflatten(-1, (self.num_heads, self.head_dim))
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        return self.rope(q, rope)
+            k, v = self._heads(self.k_proj, self.k_norm, s), self._heads(self.v_proj, None, s)
+        else:
+            k, v = self._heads(self.fading_k_proj, self.fading_k_norm, s), self._heads(self.fading_v_proj, None, s)
+        return self.rope(k, rope), v
 
     def forward(
         self, h: torch.Tensor, want_state: bool = False
@@ -119,8 +124,9 @@ class AttentionMixer(nn.Module):
         """Parallel form. h: [B, T, D] -> (out: [B, T, D], unweighted aux loss or None, state if asked)."""
         batch, length, _ = h.shape
         rope = self.rope.tables(torch.arange(length, device=h.device))
-        q = self._queries(h, rope)
-        k, v = self._keys(self.k_proj, self.v_proj, h, rope)
+        q = self.rope(self._heads(self.q_proj, self.q_norm, h), rope)
+        unrotated_k = self._heads(self.k_proj, self.k_norm, h)
+        k, v = self.rope(unrotated_k, rope), self._heads(self.v_proj, None, h)
         extra, aux, state = {}, None, None
         if want_state:
             state = self._new_state(k, v)
@@ -128,6 +134,8 @@ class AttentionMixer(nn.Module):
             s, ssm_state = self.ssm(h)
             fk, fv = self._fading_keys(s, rope)
             extra.update(fading_k=fk, fading_v=fv)
+            if self.fading_q_proj is not None:
+                extra["fading_q"] = self.rope(self._heads(self.fading_q_proj, self.fading_q_norm, h), rope)
             if state is not None:
                 self._fill_fading(state, fk, fv)
                 # Standard strides even for a batch of one (where clone() would keep the prefill's), the layout
@@ -146,8 +154,10 @@ class AttentionMixer(nn.Module):
                 memory_size=self.memory_size,
                 num_query_blocks=length // self.memory_block + 1,
             )
+            memory_k = k if self.memory_rope else unrotated_k
             gathered_k, gathered_v = (
-                eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:]) for t in (k, v)
+                eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:])
+                for t in (memory_k, v)
             )
             extra.update(
                 mem_k=gathered_k[:, :num_blocks],
@@ -263,15 +273,15 @@ class AttentionMixer(nn.Module):
         if self.window is None:
             # Full attention's cache grows with the context (the baseline the windowed letters avoid): one more
             # key and value each token, appended the way a Hugging Face dynamic cache appends them.
-            q, keys, values = self._step_projections(h, None, rope)
+            queries, keys, values = self._step_projections(h, None, rope)
             state.keys = torch.cat([state.keys, keys[0].unsqueeze(2)], dim=2)
             state.values = torch.cat([state.values, values[0].unsqueeze(2)], dim=2)
-            out = F.scaled_dot_product_attention(q, state.keys, state.values)
+            out = F.scaled_dot_product_attention(queries[0], state.keys, state.values)
             return self.o_proj(out.reshape(h.shape[0], 1, -1))
         s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-        q, keys, values = self._step_projections(h, s, rope)
+        queries, keys, values = self._step_projections(h, s, rope)
         local = position % self.ring
         if s is None:
             state.keys.select(2, local).copy_(keys[0])
@@ -286,33 +296,73 @@ class AttentionMixer(nn.Module):
         # Once every slot is visible the mask can be left out; a compiled step keeps it, since the switch would
         # compile the step again for each range of positions.
         full = not torch.compiler.is_compiling() and self.unmasked_from is not None and position >= self.unmasked_from
-        out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=None if full else state.mask)
+        mask = None if full else state.mask
+        if len(queries) == 1:
+            out = F.scaled_dot_product_attention(queries[0], state.keys, state.values, attn_mask=mask)
+        else:
+            out = self._attend_with_fading_query(*queries, state.keys, state.values, mask)
         return self.o_proj(out.reshape(h.shape[0], 1, -1))
+
+    def _attend_with_fading_query(
+        self,
+        q: torch.Tensor,
+        fading_q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One softmax over the decode buffer's slots, the fading slots scored with ``fading_q`` and all others
+        with ``q`` (untied fading projections). SDPA scores every key with one query, so the scores are formed
+        here, in fp32 as the fused kernels keep them. q, fading_q: [B, Hkv, G, Dh]; keys, values: [B, Hkv, S, Dh];
+        mask: [B, 1, 1, S] additive or None -> [B, Hkv, G, Dh] in the values' dtype.
+        """
+        compute_dtype = torch.promote_types(keys.dtype, torch.float32)
+        q, fading_q, keys32 = q.to(compute_dtype), fading_q.to(compute_dtype), keys.to(compute_dtype)
+        scores = torch.cat(
+            [
+                q @ keys32[:, :, : self.ring].mT,
+                fading_q @ keys32[:, :, self.ring : self.memory_start].mT,
+                q @ keys32[:, :, self.memory_start :].mT,
+            ],
+            dim=-1,
+        ).mul_(self.head_dim**-0.5)
+        if mask is not None:
+            scores = scores + mask
+        return torch.softmax(scores, dim=-1).to(values.dtype) @ values
 
     def _step_projections(
         self, h: torch.Tensor, s: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Queries, keys and values of one token, with the fewest ops (what :meth:`_queries`, :meth:`_keys` and
-        :meth:`_fading_keys` give): h, s (SSM output or None): [B, 1, D] -> (q: [B, Hkv, Hq/Hkv, Dh], keys and
-        values, each [B, Hkv, Dh]: local, then fading if ``s`` is given). Tied projections run on [h, s] at once,
-        and one RoPE call rotates all heads, which share the token's position.
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Queries, keys and values of one token, with the fewest ops (what :meth:`forward` computes for it):
+        h, s (SSM output or None): [B, 1, D] -> (queries, each [B, Hkv, Hq/Hkv, Dh]: the query, then the fading
+        keys' own if the fading projections are untied; keys and values, each [B, Hkv, Dh]: local, then fading if
+        ``s`` is given). Tied projections run on [h, s] at once, and one RoPE call rotates all heads, which share
+        the token's position.
         """
         batch = h.shape[0]
-        if s is None or self.fading_k_proj is None:
-            sources = h if s is None else torch.cat([h, s], dim=1)
-            k, v = self.k_proj(sources), self.v_proj(sources)
-        else:
+        untied = s is not None and self.fading_k_proj is not None
+        if untied:
+            q = torch.cat([self.q_proj(h), self.fading_q_proj(h)], dim=-1)
             k = torch.cat([self.k_proj(h), self.fading_k_proj(s)], dim=1)
             v = torch.cat([self.v_proj(h), self.fading_v_proj(s)], dim=1)
-        q = self.q_proj(h).view(batch, 1, self.num_heads, self.head_dim)
-        k = k.view(batch, 1, -1, self.head_dim)  # [B, 1, n * Hkv, Dh]: the n key sets as heads
-        if self.q_norm is not None:
+        else:
+            sources = h if s is None else torch.cat([h, s], dim=1)
+            q, k, v = self.q_proj(h), self.k_proj(sources), self.v_proj(sources)
+        # The query sets and the key sets as heads: [B, 1, n * Hq, Dh] and [B, 1, n * Hkv, Dh].
+        q, k = q.view(batch, 1, -1, self.head_dim), k.view(batch, 1, -1, self.head_dim)
+        if self.q_norm is not None and untied:
+            local_q, fading_q = q.split(self.num_heads, dim=2)
+            local_k, fading_k = k.split(self.num_kv_heads, dim=2)
+            q = torch.cat([self.q_norm(local_q), self.fading_q_norm(fading_q)], dim=2)
+            k = torch.cat([self.k_norm(local_k), self.fading_k_norm(fading_k)], dim=2)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(torch.cat([q, k], dim=2), rope).split([self.num_heads, k.shape[2]], dim=2)
+        q, k = self.rope(torch.cat([q, k], dim=2), rope).split([q.shape[2], k.shape[2]], dim=2)
         # Query heads sharing a key head are rows of one query: SDPA reads each key head once, without copies.
-        grouped = q.view(batch, self.num_kv_heads, -1, self.head_dim)
+        group = self.num_heads // self.num_kv_heads
+        queries = q.view(batch, -1, self.num_kv_heads, group, self.head_dim).unbind(1)
         per_set = (batch, -1, self.num_kv_heads, self.head_dim)
-        return grouped, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
+        return queries, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
 
     def _write_with_fading(
         self,
@@ -342,13 +392,20 @@ class AttentionMixer(nn.Module):
     def _push_block(self, state: AttentionState, position: int) -> None:
         """The memory block ending at ``position`` is finished: its accepted tokens join the memory."""
         start = position + 1 - self.memory_block
-        slots = torch.arange(start, position + 1, device=state.keys.device) % self.ring
+        positions = torch.arange(start, position + 1, device=state.keys.device)
+        block_keys, block_values = (
+            t[:, :, : self.ring].index_select(2, positions % self.ring) for t in (state.keys, state.values)
+        )
+        if not self.memory_rope:
+            # The ring holds keys rotated to their positions and memory keys carry none: rotate them back.
+            cos, signed_sin = self.rope.tables(-positions)
+            block_keys = self.rope(block_keys, (cos.transpose(1, 2), signed_sin.transpose(1, 2)))
         state.memory.push_block(
             state.block_scores,
             start=start,
             topk=self.memory_topk,
             threshold=self.memory_threshold,
-            block_entries=tuple(t[:, :, : self.ring].index_select(2, slots) for t in (state.keys, state.values)),
+            block_entries=(block_keys, block_values),
             entries=(state.keys[:, :, self.memory_start :], state.values[:, :, self.memory_start :]),
         )
         self._reset_memory_mask(state, position)
