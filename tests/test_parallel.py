@@ -53,6 +53,18 @@ def test_plan_covers_every_matrix_and_names_the_ssm_segments():
     assert [list(r) for r in plan.stage_units(2)] == [[0], [1]] and plan.pipeline_cuts(2) == ["model.layers.0"]
 
 
+def test_plan_splits_untied_fading_projections_like_the_local_ones():
+    config = BmojoConfig(**{**harness.PATTERN_CONFIG, "layer_pattern": "F", "tie_fading_proj": False, "qk_norm": True})
+    plan = bmojo_plan(BmojoForCausalLM(config))
+    roles = {rule.fqn: rule.role for rule in plan.rules}
+    mixer = "model.layers.0.mixer"
+    for local, fading in (("q_proj", "fading_q_proj"), ("k_proj", "fading_k_proj"), ("v_proj", "fading_v_proj")):
+        assert roles[f"{mixer}.{fading}"] == roles[f"{mixer}.{local}"] == Role.column
+        assert plan.spec(f"{mixer}.{fading}.weight") == plan.spec(f"{mixer}.{local}.weight")
+    for name in ("q_norm", "k_norm", "fading_q_norm", "fading_k_norm"):
+        assert plan.spec(f"{mixer}.{name}.weight").partial_grad, name
+
+
 def test_plan_refuses_splits_the_model_cannot_take_with_the_field_to_change():
     config = BmojoConfig(**{**harness.PATTERN_CONFIG, "hidden_size": 48, "ssm_num_groups": 3})  # 12 SSM heads
     with pytest.raises(ValueError, match="ssm_num_groups=3: one must divide the other"):
@@ -115,6 +127,8 @@ DISTRIBUTED_RUNS = {
             (dict(tensor_parallel=2), ["B", "MW"], dict(ssm_num_groups=1, qk_norm=True)),
             # The vocab-parallel embedding and head share one sharded weight.
             (dict(tensor_parallel=2), ["A"], dict(tie_word_embeddings=True)),
+            # Untied fading projections: the fading query split by head like the query, its QK-norms shared.
+            (dict(tensor_parallel=2), ["F"], dict(tie_fading_proj=False, qk_norm=True)),
         ],
     ),
     "dp2": (2, [(dict(data_parallel=2, microbatches=2), PATTERNS)]),

@@ -224,15 +224,15 @@ def bmojo_plan(model: BmojoForCausalLM) -> ParallelPlan:
 
 def _attention_rules(rules: list, specs: dict, prefix: str, mixer: AttentionMixer) -> None:
     rules.append(ModuleRule(prefix, Role.heads, divide=("num_heads", "num_kv_heads")))
-    for name in ("q_proj", "k_proj", "v_proj", "fading_k_proj", "fading_v_proj"):
+    for name in ("q_proj", "k_proj", "v_proj", "fading_q_proj", "fading_k_proj", "fading_v_proj"):
         if getattr(mixer, name) is not None:
             _linear(rules, specs, f"{prefix}.{name}", getattr(mixer, name), Role.column)
     _linear(rules, specs, f"{prefix}.o_proj", mixer.o_proj, Role.row, Output.residual)
-    for name in ("q_norm", "k_norm"):
+    for name in ("q_norm", "k_norm", "fading_q_norm", "fading_k_norm"):
         if getattr(mixer, name) is not None:
             specs[f"{prefix}.{name}.weight"] = ShardSpec(partial_grad=True)
     if mixer.ssm is not None:
-        # The SSM output feeds the fading keys through k_proj/v_proj, which need it whole on every rank.
+        # The SSM output feeds the fading keys through their K/V projections, which need it whole on every rank.
         rules.append(ModuleRule(f"{prefix}.ssm", Role.ssm, Output.replicated))
         specs.update(_ssm_specs(f"{prefix}.ssm", mixer.ssm))
 
