@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import breakdown  # noqa: E402
 import decode  # noqa: E402
+import geometry  # noqa: E402
 import throughput  # noqa: E402
 
 TOY = ["--threads", "1", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--window", "16"]
@@ -41,6 +42,20 @@ def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_pa
     assert long["B"]["cache_bytes"] == short["B"]["cache_bytes"]
     assert long["A"]["cache_bytes"] > short["A"]["cache_bytes"]
     assert report["batch"] == 2 and report["device"] == "cpu" and short["B"]["ms_per_token"] > 0
+
+
+def test_geometry_compares_each_member_against_its_first_geometry(tmp_path):
+    out = tmp_path / "geometry.json"
+    toy = ["--threads", "1", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--vocab-size", "64"]
+    geometry.main([*toy, "--geometries", "64:64", "64:16", "--tokens", "128", "--repeats", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["member"], r["seq_len"], r["window"]) for r in rows[:2]] == [("A", 64, 64), ("A", 64, 16)]
+    assert {r["member"] for r in rows} == {"A", "W", "F", "B"}
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["parameters"] > 0
+        assert (row["vs_first"] == 1.0) == (row["window"] == 64)
+    assert all(r["auxiliary_parameters"] > 0 for r in rows if r["member"] == "B")
 
 
 @pytest.mark.slow
