@@ -1,7 +1,7 @@
 """Length extrapolation: train each member at one length, measure held-out perplexity at 1x, 2x, 4x and 8x.
 
     python bench/extrapolation.py [--members A F B] [--multiples 1 2 4 8] [--json ...]
-    python bench/extrapolation.py --members F B --override model.memory_rope=false --tag no-memory-rope
+    python bench/extrapolation.py --members B --override model.memory_rope=false --tag no-memory-rope
         --json bench/results/extrapolation_no_memory_rope.json      (one command: memory keys without RoPE)
 
 Each member trains with ``experiment=extrapolation_<member>`` (plus any ``--override``) in ``--runs/<member>``
