@@ -10,6 +10,7 @@ from neuron_kernels.interpreter.errors import (
     CapacityError,
     HardwareRuleError,
     NkiInterpreterError,
+    NkiLanguageError,
     OutOfBoundsError,
     UninitializedReadError,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "KernelRun",
     "Machine",
     "NkiInterpreterError",
+    "NkiLanguageError",
     "OutOfBoundsError",
     "ShapeOnly",
     "TypedArray",

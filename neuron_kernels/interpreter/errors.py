@@ -19,3 +19,7 @@ class UninitializedReadError(NkiInterpreterError):
 
 class OutOfBoundsError(NkiInterpreterError):
     """An access pattern or indirect index reaches outside its tensor."""
+
+
+class NkiLanguageError(NkiInterpreterError):
+    """The kernel source uses Python the NKI 2.28 compiler does not accept, or a loop breaks its semantics."""

@@ -57,11 +57,13 @@ class Machine:
     """One NeuronCore-v2 during a kernel run; a context manager that makes itself current.
 
     execute=False traces the kernel: every rule is checked and every instruction counted, but no values
-    are computed (for cost estimates of sizes too large to run in NumPy).
+    are computed (for cost estimates of sizes too large to run in NumPy). ``loop_seed`` draws the order in
+    which ``nl.affine_range`` runs its iterations.
     """
 
-    def __init__(self, execute: bool = True) -> None:
+    def __init__(self, execute: bool = True, loop_seed: int = 0) -> None:
         self.execute = execute
+        self.loop_order = np.random.default_rng(loop_seed)
         self.stats = Stats()
         self.sbuf_bytes = 0
         self.psum_banks = 0

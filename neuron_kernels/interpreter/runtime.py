@@ -16,6 +16,7 @@ import numpy as np
 from neuron_kernels.interpreter import dtypes
 from neuron_kernels.interpreter.cost import Stats
 from neuron_kernels.interpreter.errors import NkiInterpreterError, UninitializedReadError
+from neuron_kernels.interpreter.frontend import check_kernel
 from neuron_kernels.interpreter.memory import Allocation, Machine, Tensor
 
 
@@ -38,7 +39,12 @@ class KernelRun:
 
 
 class InterpretedKernel:
-    """What ``@nki.jit`` returns under the interpreter: calling it runs the kernel and returns its outputs."""
+    """What ``@nki.jit`` returns under the interpreter: calling it runs the kernel and returns its outputs.
+
+    Like the real compiler, which compiles a kernel when it is first called, the first run passes the kernel
+    and every helper it reaches through the NKI language front end (:mod:`.frontend`); the module's helpers
+    defined below the kernel exist by then.
+    """
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -55,10 +61,15 @@ def jit(fn=None, **options):
     return InterpretedKernel(fn)
 
 
-def run_kernel(kernel, *args, execute: bool = True, **kwargs) -> KernelRun:
-    """Run ``kernel`` (an ``@nki.jit`` function or a plain one) on host data; see the module docstring."""
+def run_kernel(kernel, *args, execute: bool = True, loop_seed: int = 0, **kwargs) -> KernelRun:
+    """Run ``kernel`` (an ``@nki.jit`` function or a plain one) on host data; see the module docstring.
+
+    The kernel's source is checked against the NKI language first; ``loop_seed`` draws the order of every
+    ``nl.affine_range`` loop's iterations.
+    """
     fn = kernel.fn if isinstance(kernel, InterpretedKernel) else kernel
-    machine = Machine(execute)
+    check_kernel(fn)
+    machine = Machine(execute, loop_seed)
     with machine:
         hbm_args = [_to_hbm(value, f"arg{i}", execute) for i, value in enumerate(args)]
         hbm_kwargs = {name: _to_hbm(value, name, execute) for name, value in kwargs.items()}
