@@ -32,6 +32,28 @@ from neuron_kernels.interpreter.memory import (
     write,
 )
 
+# The names this module offers as ``nisa.*``; tests/test_nki_stub_conformance.py holds them against the SDK stubs.
+__all__ = [
+    "activation",
+    "affine_select",
+    "dge_mode",
+    "dma_copy",
+    "engine",
+    "get_nc_version",
+    "iota",
+    "matmul_perf_mode",
+    "memset",
+    "nc_matmul",
+    "nc_transpose",
+    "nc_version",
+    "oob_mode",
+    "reduce_cmd",
+    "tensor_copy",
+    "tensor_scalar",
+    "tensor_tensor",
+    "tensor_tensor_scan",
+]
+
 
 class engine(Enum):  # noqa: N801  (the NKI names)
     unknown = 0
@@ -76,8 +98,6 @@ class nc_version(Enum):  # noqa: N801
 
 # Instruction parameters reuse these names (engine=, dge_mode=, ...), so the bodies refer to the aliases.
 _Engine, _DgeMode, _OobMode, _ReduceCmd = engine, dge_mode, oob_mode, reduce_cmd
-tensor_engine, vector_engine, scalar_engine = engine.tensor, engine.vector, engine.scalar
-gpsimd_engine, unknown_engine = engine.gpsimd, engine.unknown
 _ENGINE_NAMES = {engine.tensor: "TensorE", engine.vector: "VectorE", engine.scalar: "ScalarE", engine.gpsimd: "GpSimd"}
 
 

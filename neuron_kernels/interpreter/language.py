@@ -16,8 +16,38 @@ dependency there gives a wrong result instead of passing by luck. ``sequential_r
 from __future__ import annotations
 
 from neuron_kernels.interpreter import isa as _isa
+from neuron_kernels.interpreter import operators as _operators
 from neuron_kernels.interpreter.memory import Allocation, Tensor, current_machine
 from neuron_kernels.interpreter.operators import *  # noqa: F403  (nl.add, nl.exp, ... live there)
+
+# The names this module offers as ``nl.*``; tests/test_nki_stub_conformance.py holds them against the SDK stubs.
+__all__ = [name for name in _operators.__all__ if name != "Operator"] + [
+    "NKIObject",
+    "affine_range",
+    "bfloat16",
+    "bool_",
+    "float16",
+    "float32",
+    "float8_e4m3",
+    "float8_e5m2",
+    "hbm",
+    "int8",
+    "int16",
+    "int32",
+    "ndarray",
+    "private_hbm",
+    "psum",
+    "sbuf",
+    "sequential_range",
+    "shared_hbm",
+    "static_range",
+    "tfloat32",
+    "tile_size",
+    "uint8",
+    "uint16",
+    "uint32",
+    "zeros",
+]
 
 bool_ = "bool"
 int8, int16, int32 = "int8", "int16", "int32"

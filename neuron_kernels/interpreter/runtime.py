@@ -54,11 +54,11 @@ class InterpretedKernel:
         return run_kernel(self, *args, **kwargs).outputs
 
 
-def jit(fn=None, **options):
-    """``@nki.jit`` / ``@nki.jit(...)``: options (platform, mode) have no meaning for the interpreter."""
-    if fn is None:
-        return lambda inner: InterpretedKernel(inner)
-    return InterpretedKernel(fn)
+def jit(func=None, mode="auto", **kwargs):
+    """``@nki.jit`` / ``@nki.jit(...)`` (the SDK signature): ``mode`` and options mean nothing to the interpreter."""
+    if func is None:
+        return InterpretedKernel
+    return InterpretedKernel(func)
 
 
 def run_kernel(kernel, *args, execute: bool = True, loop_seed: int = 0, **kwargs) -> KernelRun:
