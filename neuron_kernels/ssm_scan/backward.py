@@ -2,8 +2,11 @@
 
 Two passes per batch row. The first recomputes the state entering every chunk (only the state
 recurrence, no outputs) into an HBM scratch tensor. The second walks the chunks backwards carrying the
-state gradient Γ = dL/dS in SBUF, in both layouts [P, N] and [N, P] (each feeds a different matmul),
-and produces dx, ddt, dB, dC of the chunk plus the chunk's share of dA and dD.
+state gradient Γ = dL/dS in SBUF, in both layouts [P, N] and [N, P] (each feeds a different matmul;
+every head's side by side: [P, H*N] and [N, H*P]), and produces dx, ddt, dB, dC of the chunk plus the
+chunk's share of dA and dD, added to SBUF sums. The chunk loops are ``sequential_range``; the batch loop
+too, since the dA/dD sums carry across rows; groups and heads are ``affine_range``. As in the forward,
+T is a multiple of Q (the op wrapper pads with dt = 0 steps).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from neuron_kernels.ssm_scan.forward import (
     ChunkInputs,
     GroupInputs,
     intra_chunk_decay,
-    load_state_transposed,
+    load_states_transposed,
 )
 from neuron_kernels.ssm_scan.tiles import (
     F32,
     Masks,
     broadcast_vector,
     combined,
+    decay_and_add,
     evacuate,
     load,
     row_dot,
@@ -40,68 +44,85 @@ def ssm_scan_bwd(x, dt, A, B, C, D, initial_state, d_y, d_final_state, chunk_siz
     batch, time, heads, head_dim = x.shape
     state_dim = B.shape[3]
     assert max(chunk_size, head_dim, state_dim) <= MAX_TILE, "Q, P and N must be <= 128 (see check_shapes)"
-    chunk = min(chunk_size, time)
-    starts = list(range(0, time, chunk))
+    assert time % chunk_size == 0, "T must be a multiple of chunk_size (the op wrapper pads it)"
+    chunks = time // chunk_size
     dx = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     ddt = nl.ndarray(dt.shape, dtype=dt.dtype, buffer=nl.shared_hbm)
     dB = nl.ndarray(B.shape, dtype=B.dtype, buffer=nl.shared_hbm)
     dC = nl.ndarray(C.shape, dtype=C.dtype, buffer=nl.shared_hbm)
     dA = nl.ndarray((heads,), dtype=F32, buffer=nl.shared_hbm)
     d_initial_state = nl.ndarray((batch, heads, head_dim, state_dim), dtype=F32, buffer=nl.shared_hbm)
-    masks = Masks(max(chunk, state_dim, head_dim))
-    a_columns = broadcast_vector(A, chunk, masks)
-    d_columns = None if D is None else broadcast_vector(D, chunk, masks)
-    # dA and dD are sums over every step of every batch row: one PSUM accumulation group each.
-    sums = {"dA": nl.ndarray((1, heads), dtype=F32, buffer=nl.psum)}
+    masks = Masks(max(chunk_size, state_dim, head_dim))
+    a_columns = broadcast_vector(A, chunk_size, masks)
+    d_columns = None if D is None else broadcast_vector(D, chunk_size, masks)
+    # dA and dD sum over every step of every batch row: SBUF rows each chunk adds its PSUM result to.
+    sums = {"dA": nl.ndarray((1, heads), dtype=F32, buffer=nl.sbuf)}
     if D is not None:
-        sums["dD"] = nl.ndarray((1, heads), dtype=F32, buffer=nl.psum)
-    for b in range(batch):
-        chunk_states = nl.ndarray((len(starts), heads, state_dim, head_dim), dtype=F32, buffer=nl.hbm)
-        _recompute_states(x, dt, B, initial_state, b, starts, chunk, a_columns, chunk_states, masks)
-        grads = [load(d_final_state[b, h], head_dim, state_dim) for h in range(heads)]
-        grads_t = [transpose(grad) for grad in grads]
-        for index in range(len(starts) - 1, -1, -1):
-            start = starts[index]
-            inputs = (x, dt, B, C, d_y, b, start, min(chunk, time - start), a_columns, d_columns)
+        sums["dD"] = nl.ndarray((1, heads), dtype=F32, buffer=nl.sbuf)
+    for total in sums.values():
+        nisa.memset(dst=total, value=0.0)
+    for b in nl.sequential_range(0, batch, 1):
+        chunk_states = nl.ndarray((chunks, heads, state_dim, head_dim), dtype=F32, buffer=nl.hbm)
+        _recompute_states(x, dt, B, initial_state, b, chunk_size, a_columns, chunk_states, masks)
+        grads = nl.ndarray((head_dim, heads * state_dim), dtype=F32, buffer=nl.sbuf)  # Γ [P, N] per head
+        grads_t = nl.ndarray((state_dim, heads * head_dim), dtype=F32, buffer=nl.sbuf)  # Γᵀ [N, P] per head
+        for h in nl.affine_range(heads):
+            grad = grads[:, h * state_dim : (h + 1) * state_dim]
+            nisa.dma_copy(dst=grad, src=d_final_state[b, h])
+            nisa.tensor_copy(dst=grads_t[:, h * head_dim : (h + 1) * head_dim], src=transpose(grad))
+        for step in nl.sequential_range(0, chunks, 1):
+            index = chunks - 1 - step
+            inputs = (x, dt, B, C, d_y, b, index * chunk_size, chunk_size, a_columns, d_columns)
             outputs = (dx, ddt, dB, dC, sums)
             _backward_chunk(inputs, outputs, chunk_states[index], grads, grads_t, masks)
-        for h in range(heads):
-            nisa.dma_copy(dst=d_initial_state[b, h], src=grads[h])
-    nisa.dma_copy(dst=dA, src=evacuate(sums["dA"]))
+        for h in nl.affine_range(heads):
+            nisa.dma_copy(dst=d_initial_state[b, h], src=grads[:, h * state_dim : (h + 1) * state_dim])
+    nisa.dma_copy(dst=dA, src=sums["dA"])
     if D is None:
         return dx, ddt, dA, dB, dC, d_initial_state
     dD = nl.ndarray((heads,), dtype=F32, buffer=nl.shared_hbm)
-    nisa.dma_copy(dst=dD, src=evacuate(sums["dD"]))
+    nisa.dma_copy(dst=dD, src=sums["dD"])
     return dx, ddt, dA, dB, dC, dD, d_initial_state
 
 
-def _recompute_states(x, dt, B, initial_state, b, starts, chunk, a_columns, chunk_states, masks):
+def _recompute_states(x, dt, B, initial_state, b, chunk, a_columns, chunk_states, masks):
     """Write Sᵀ [N, P] entering every chunk of batch row b to ``chunk_states`` [chunks, H, N, P]."""
     time, heads, head_dim = x.shape[1], x.shape[2], x.shape[3]
     groups, state_dim = B.shape[2], B.shape[3]
-    per_group = heads // groups
-    states = [load_state_transposed(initial_state, b, h, state_dim, head_dim) for h in range(heads)]
-    for index, start in enumerate(starts):
-        for h in range(heads):
-            nisa.dma_copy(dst=chunk_states[index, h], src=states[h])
-        if index == len(starts) - 1:
-            return
-        length = min(chunk, time - start)
-        inputs = ChunkInputs(x, dt, b, start, length, a_columns, state_dim, masks)
+    chunks = time // chunk
+    states = nl.ndarray((state_dim, heads * head_dim), dtype=F32, buffer=nl.sbuf)
+    load_states_transposed(initial_state, b, states, head_dim)
+    # The state entering the last chunk is stored after the loop, so no iteration ends early.
+    for c in nl.sequential_range(0, chunks - 1, 1):
+        _store_states(states, chunk_states[c], head_dim)
+        inputs = ChunkInputs(x, dt, b, c * chunk, chunk, a_columns, state_dim, masks)
         to_end = inputs.decay_to_end(masks)
-        for g in range(groups):
-            b_tile = load(B[b, start : start + length, g], length, state_dim)
-            for h in range(g * per_group, (g + 1) * per_group):
-                weighted_b = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.sbuf)
-                nisa.tensor_scalar(dst=weighted_b, data=b_tile, op0=nl.multiply, operand0=to_end[:, h : h + 1])
-                state_psum = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.psum)
-                u_h = scaled(inputs.x_head(h), inputs.dt[:, h : h + 1])
-                nisa.nc_matmul(dst=state_psum, stationary=weighted_b, moving=u_h)
-                decayed = scaled(states[h], inputs.decay_total[:, h : h + 1])
-                states[h] = combined(decayed, state_psum, nl.add)
+        for g in nl.affine_range(groups):
+            b_tile = load(B[b, c * chunk : (c + 1) * chunk, g], chunk, state_dim)
+            _advance_group_states(inputs, to_end, b_tile, g, heads // groups, states)
+    _store_states(states, chunk_states[chunks - 1], head_dim)
 
 
-class _ChunkGradients:
+def _store_states(states, chunk_states_row, head_dim: int) -> None:
+    """``states`` [N, H*P] -> ``chunk_states_row`` [H, N, P] (one DMA per head)."""
+    for h in nl.affine_range(chunk_states_row.shape[0]):
+        nisa.dma_copy(dst=chunk_states_row[h], src=states[:, h * head_dim : (h + 1) * head_dim])
+
+
+def _advance_group_states(inputs: ChunkInputs, to_end, b_tile, g: int, per_group: int, states) -> None:
+    """Sᵀ_h <- exp(l_end) Sᵀ_h + Σ_s w_s B_s u_sᵀ for every head h of group g (``to_end`` w [Q, H])."""
+    length, head_dim, state_dim = inputs.length, inputs.head_dim, b_tile.shape[1]
+    for j in nl.affine_range(per_group):
+        h = g * per_group + j
+        weighted_b = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=weighted_b, data=b_tile, op0=nl.multiply, operand0=to_end[:, h : h + 1])
+        state_psum = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.psum)
+        nisa.nc_matmul(dst=state_psum, stationary=weighted_b, moving=scaled(inputs.x_head(h), inputs.dt[:, h : h + 1]))
+        state = states[:, h * head_dim : (h + 1) * head_dim]
+        decay_and_add(state, inputs.decay_total[:, h : h + 1], state_psum)
+
+
+class _ChunkGradients(nl.NKIObject):
     """Per-chunk [partitions, H] columns the heads fill in, reduced over the chunk once all heads are done.
 
     ``log_decay`` dl'_t (terms with a fixed t), ``to_end`` q_s (weight of step s in the end state),
@@ -122,29 +143,44 @@ def _backward_chunk(inputs, outputs, chunk_states, grads, grads_t, masks):
     dx, ddt, dB, dC, sums = outputs
     heads, head_dim = x.shape[2], x.shape[3]
     groups, state_dim = B.shape[2], B.shape[3]
-    per_group = heads // groups
     stop = start + length
     chunk = ChunkInputs(x, dt, b, start, length, a_columns, max(state_dim, head_dim), masks)
     to_end = chunk.decay_to_end(masks)
     dy_all = load(d_y[b, start:stop], length, heads * head_dim)
     dx_all = nl.ndarray((length, heads * head_dim), dtype=F32, buffer=nl.sbuf)
     columns = _ChunkGradients(length, heads, state_dim, d_columns is not None)
-    for g in range(groups):
+    for g in nl.affine_range(groups):
         group = GroupInputs(B, C, b, start, length, g)
-        db_psum = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.psum)
-        dc_psum = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.psum)
-        for h in range(g * per_group, (g + 1) * per_group):
-            head_columns = slice(h * head_dim, (h + 1) * head_dim)
-            head = _Head(chunk, group, h, dy_all[:, head_columns], to_end, d_columns, masks)
-            state_prev = load(chunk_states[h], state_dim, head_dim)
-            head.score_gradients(state_prev, columns)
-            head.input_gradients(grads_t[h], dx_all[:, head_columns], columns)
-            head.add_projection_gradients(db_psum, dc_psum, state_prev, grads[h])
-            grads[h], grads_t[h] = head.carried_state_gradient(grads[h], grads_t[h], state_prev, columns)
-        nisa.dma_copy(dst=dB[b, start:stop, g], src=evacuate(db_psum))
-        nisa.dma_copy(dst=dC[b, start:stop, g], src=evacuate(dc_psum))
+        carried = (chunk_states, grads, grads_t)
+        rows = (dy_all, dx_all, to_end, d_columns)
+        d_b, d_c = _backward_group(chunk, group, g, heads // groups, rows, carried, columns, masks)
+        nisa.dma_copy(dst=dB[b, start:stop, g], src=d_b)
+        nisa.dma_copy(dst=dC[b, start:stop, g], src=d_c)
     nisa.dma_copy(dst=dx[b, start:stop], src=dx_all)
     _log_decay_gradients(chunk, columns, a_columns, ddt[b, start:stop], sums, masks)
+
+
+def _backward_group(chunk, group, g: int, per_group: int, rows, carried, columns, masks):
+    """Every head of group g; returns dB, dC of the group [Q, N] (SBUF), summed over its heads in PSUM.
+
+    The PSUM tiles live only inside this call, so the chunk's later steps find their banks free.
+    """
+    dy_all, dx_all, to_end, d_columns = rows
+    chunk_states, grads, grads_t = carried
+    head_dim, state_dim = chunk.head_dim, group.b.shape[1]
+    db_psum = nl.ndarray((chunk.length, state_dim), dtype=F32, buffer=nl.psum)
+    dc_psum = nl.ndarray((chunk.length, state_dim), dtype=F32, buffer=nl.psum)
+    for j in nl.affine_range(per_group):
+        h = g * per_group + j
+        head_columns = slice(h * head_dim, (h + 1) * head_dim)
+        state_columns = slice(h * state_dim, (h + 1) * state_dim)
+        head = _Head(chunk, group, h, dy_all[:, head_columns], to_end, d_columns, masks)
+        state_prev = load(chunk_states[h], state_dim, head_dim)
+        head.score_gradients(state_prev, columns)
+        head.input_gradients(grads_t[:, head_columns], dx_all[:, head_columns], columns)
+        head.add_projection_gradients(db_psum, dc_psum, state_prev, grads[:, state_columns])
+        head.carry_state_gradient(grads[:, state_columns], grads_t[:, head_columns], state_prev, columns)
+    return evacuate(db_psum), evacuate(dc_psum)
 
 
 def _log_decay_gradients(chunk: ChunkInputs, columns: _ChunkGradients, a_columns, ddt_rows, sums, masks):
@@ -158,12 +194,19 @@ def _log_decay_gradients(chunk: ChunkInputs, columns: _ChunkGradients, a_columns
     through_decay = combined(a_columns[0:length, :], dla_psum, nl.multiply)
     nisa.dma_copy(dst=ddt_rows, src=combined(through_decay, columns.dt_direct, nl.add))
     ones_column = masks.ones[0:length, 0:1]
-    nisa.nc_matmul(dst=sums["dA"], stationary=ones_column, moving=combined(chunk.dt, dla_psum, nl.multiply))
+    _add_column_sums(sums["dA"], ones_column, combined(chunk.dt, dla_psum, nl.multiply))
     if columns.skip is not None:
-        nisa.nc_matmul(dst=sums["dD"], stationary=ones_column, moving=columns.skip)
+        _add_column_sums(sums["dD"], ones_column, columns.skip)
 
 
-class _Head:
+def _add_column_sums(total, ones_column, tile) -> None:
+    """``total`` [1, H] (SBUF) += Σ_t tile[t, :]: a ones matmul whose PSUM group closes within the chunk."""
+    sums_psum = nl.ndarray(total.shape, dtype=F32, buffer=nl.psum)
+    nisa.nc_matmul(dst=sums_psum, stationary=ones_column, moving=tile)
+    nisa.tensor_tensor(dst=total, data1=total, data2=sums_psum, op=nl.add)
+
+
+class _Head(nl.NKIObject):
     """The backward of one head in one chunk; each step keeps its PSUM tiles local (8 banks in all).
 
     Notation (README): s, t steps of the chunk, u_s = dt_s x_s, g_t = dy_t, L the intra-chunk decay,
@@ -228,8 +271,8 @@ class _Head:
         nisa.nc_matmul(dst=db_psum, stationary=transpose(self.d_scores), moving=self.group.c)
         nisa.nc_matmul(dst=db_psum, stationary=transpose(scaled(self.u, self.to_end)), moving=grad)
 
-    def carried_state_gradient(self, grad, grad_t, state_prev, columns: _ChunkGradients):
-        """Γ at the chunk start, both layouts: exp(l_end) Γ + Σ_t e_t g_t C_tᵀ; also K_n = exp(l_end) Γᵀ·S_prev."""
+    def carry_state_gradient(self, grad, grad_t, state_prev, columns: _ChunkGradients) -> None:
+        """Γ, Γᵀ in place to the chunk start: exp(l_end) Γ + Σ_t e_t g_t C_tᵀ; also K_n = exp(l_end) Γᵀ·S_prev."""
         h, head_dim, state_dim = self.h, self.x.shape[1], self.group.b.shape[1]
         decay_total = self.chunk.decay_total
         row_dot(grad_t, state_prev, columns.state[:, h : h + 1], scale=decay_total[0:state_dim, h : h + 1])
@@ -237,6 +280,5 @@ class _Head:
         nisa.nc_matmul(dst=grad_psum, stationary=self.dy_decayed, moving=self.group.c)
         grad_t_psum = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.psum)
         nisa.nc_matmul(dst=grad_t_psum, stationary=self.group.c, moving=self.dy_decayed)
-        new_grad = combined(scaled(grad, decay_total[0:head_dim, h : h + 1]), grad_psum, nl.add)
-        new_grad_t = combined(scaled(grad_t, decay_total[0:state_dim, h : h + 1]), grad_t_psum, nl.add)
-        return new_grad, new_grad_t
+        decay_and_add(grad, decay_total[0:head_dim, h : h + 1], grad_psum)
+        decay_and_add(grad_t, decay_total[0:state_dim, h : h + 1], grad_t_psum)

@@ -1,8 +1,11 @@
 """Forward NKI kernel of the chunked SSM scan (DESIGN §2.1). Derivation and tiling: README.md here.
 
-Per batch row the sequence is cut into chunks of Q <= 128 steps (the last one shorter when Q does not
-divide T: its tiles are simply Q_c rows tall). Time sits on partitions for inputs and outputs; the state
-of every head is kept transposed, Sᵀ [N, P], in SBUF from chunk to chunk.
+Per batch row the sequence is cut into chunks of Q <= 128 steps. Time sits on partitions for inputs and
+outputs; the state of every head is kept transposed, Sᵀ [N, P], side by side in one SBUF tensor
+[N, H*P] from chunk to chunk. Loops are NKI device loops: batch rows, groups and heads are
+``affine_range`` (independent), the chunk loop a ``sequential_range`` (it carries the state), so the
+program holds each loop body once. T must be a multiple of Q: the op wrapper pads the sequence with
+dt = 0 steps, which leave the state unchanged and add nothing to any output or gradient.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from neuron_kernels.ssm_scan.tiles import (
     Masks,
     broadcast_vector,
     combined,
+    decay_and_add,
     exp_of_matmul,
     load,
     scaled,
@@ -40,21 +44,15 @@ def check_shapes(x, B, chunk_size: int) -> None:
         raise ValueError(f"ssm_scan nki kernel: at most 512 heads (one PSUM bank of per-head columns), got {heads}")
 
 
-def load_state_transposed(initial_state, b: int, h: int, state_dim: int, head_dim: int):
-    """Sᵀ [N, P] of head h: the initial state transposed, or zeros."""
+def load_states_transposed(initial_state, b: int, states, head_dim: int) -> None:
+    """Fill ``states`` [N, H*P] with Sᵀ [N, P] of every head of batch row b: the initial state transposed, or 0."""
     if initial_state is None:
-        state = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.sbuf)
-        nisa.memset(dst=state, value=0.0)
-        return state
-    return transpose(load(initial_state[b, h], head_dim, state_dim))
-
-
-def skip_matrices(D, heads: int, chunk: int, masks: Masks):
-    """Per head the [Q, Q] tile D_h * I: one extra accumulating matmul adds D_h x_t to y."""
-    if D is None:
-        return None
-    d_columns = broadcast_vector(D, chunk, masks)
-    return [scaled(masks.identity[0:chunk, 0:chunk], d_columns[:, h : h + 1]) for h in range(heads)]
+        nisa.memset(dst=states, value=0.0)
+        return
+    heads, state_dim = initial_state.shape[1], initial_state.shape[3]
+    for h in nl.affine_range(heads):
+        transposed = transpose(load(initial_state[b, h], head_dim, state_dim))
+        nisa.tensor_copy(dst=states[:, h * head_dim : (h + 1) * head_dim], src=transposed)
 
 
 @nki.jit
@@ -62,23 +60,25 @@ def ssm_scan_fwd(x, dt, A, B, C, D, initial_state, chunk_size):
     """y, final_state of the scan.
 
     x [Bt, T, H, P], dt [Bt, T, H], A [H], B/C [Bt, T, G, N], D [H] or None, initial_state [Bt, H, P, N] or
-    None -> y [Bt, T, H, P] (x's dtype), final_state [Bt, H, P, N] fp32.
+    None, T a multiple of chunk_size -> y [Bt, T, H, P] (x's dtype), final_state [Bt, H, P, N] fp32.
     """
     batch, time, heads, head_dim = x.shape
     state_dim = B.shape[3]
     assert max(chunk_size, head_dim, state_dim) <= MAX_TILE, "Q, P and N must be <= 128 (see check_shapes)"
-    chunk = min(chunk_size, time)
+    assert time % chunk_size == 0, "T must be a multiple of chunk_size (the op wrapper pads it)"
     y = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
     final_state = nl.ndarray((batch, heads, head_dim, state_dim), dtype=F32, buffer=nl.shared_hbm)
-    masks = Masks(max(chunk, state_dim))
-    a_columns = broadcast_vector(A, chunk, masks)
-    skips = skip_matrices(D, heads, chunk, masks)
-    for b in range(batch):
-        states = [load_state_transposed(initial_state, b, h, state_dim, head_dim) for h in range(heads)]
-        for start in range(0, time, chunk):
-            _forward_chunk(x, dt, B, C, y, b, start, min(chunk, time - start), states, skips, a_columns, masks)
-        for h in range(heads):
-            nisa.dma_copy(dst=final_state[b, h], src=transpose(states[h]))
+    masks = Masks(max(chunk_size, state_dim))
+    a_columns = broadcast_vector(A, chunk_size, masks)
+    d_columns = None if D is None else broadcast_vector(D, chunk_size, masks)
+    for b in nl.affine_range(batch):
+        states = nl.ndarray((state_dim, heads * head_dim), dtype=F32, buffer=nl.sbuf)
+        load_states_transposed(initial_state, b, states, head_dim)
+        for c in nl.sequential_range(0, time // chunk_size, 1):
+            _forward_chunk(x, dt, B, C, y, b, c * chunk_size, chunk_size, states, d_columns, a_columns, masks)
+        for h in nl.affine_range(heads):
+            state_h = transpose(states[:, h * head_dim : (h + 1) * head_dim])
+            nisa.dma_copy(dst=final_state[b, h], src=state_h)
     return y, final_state
 
 
@@ -115,7 +115,7 @@ def intra_chunk_decay(log_decay_column, length: int, masks: Masks):
     return masked
 
 
-class ChunkInputs:
+class ChunkInputs(nl.NKIObject):
     """The tiles of one chunk shared by all heads: x [Q_c, H*P], dt [Q_c, H] and their decays."""
 
     def __init__(self, x, dt, b: int, start: int, length: int, a_columns, decay_partitions: int, masks: Masks):
@@ -135,7 +135,7 @@ class ChunkInputs:
         return exp_of_matmul(masks.strict_lower[0 : self.length, 0 : self.length], self.log_decay)
 
 
-class GroupInputs:
+class GroupInputs(nl.NKIObject):
     """B, C [Q_c, N], their transposes [N, Q_c] and the scores B_s·C_t [s, t] of group g, shared by its heads."""
 
     def __init__(self, B, C, b: int, start: int, length: int, g: int) -> None:
@@ -147,23 +147,24 @@ class GroupInputs:
         self.scores = matmul_to_sbuf(self.b_transposed, self.c_transposed)
 
 
-def _forward_chunk(x, dt, B, C, y, b, start, length, states, skips, a_columns, masks):
+def _forward_chunk(x, dt, B, C, y, b, start, length, states, d_columns, a_columns, masks):
     """Advance every head of batch row b over steps [start, start + length); writes y, updates ``states``."""
     heads, head_dim = x.shape[2], x.shape[3]
     groups, state_dim = B.shape[2], B.shape[3]
     per_group = heads // groups
     chunk = ChunkInputs(x, dt, b, start, length, a_columns, state_dim, masks)
     y_all = nl.ndarray((length, heads * head_dim), dtype=y.dtype, buffer=nl.sbuf)
-    for g in range(groups):
+    for g in nl.affine_range(groups):
         group = GroupInputs(B, C, b, start, length, g)
-        for h in range(g * per_group, (g + 1) * per_group):
-            skip = None if skips is None else skips[h][0:length, 0:length]
-            _forward_head(chunk, group, h, skip, states, y_all[:, h * head_dim : (h + 1) * head_dim], masks)
+        for j in nl.affine_range(per_group):
+            h = g * per_group + j
+            columns = slice(h * head_dim, (h + 1) * head_dim)
+            _forward_head(chunk, group, h, d_columns, states[:, columns], y_all[:, columns], masks)
     nisa.dma_copy(dst=y[b, start : start + length], src=y_all)
 
 
-def _forward_head(chunk: ChunkInputs, group: GroupInputs, h, skip, states, y_h, masks):
-    """One head of one chunk: y_h [Q_c, P] <- diagonal + off-diagonal + skip terms; Sᵀ_h advanced."""
+def _forward_head(chunk: ChunkInputs, group: GroupInputs, h, d_columns, state, y_h, masks):
+    """One head of one chunk: y_h [Q, P] <- diagonal + off-diagonal + skip terms; Sᵀ_h ``state`` [N, P] advanced."""
     length, head_dim, state_dim = chunk.length, chunk.head_dim, group.b.shape[1]
     x_h = chunk.x_head(h)
     decay = intra_chunk_decay(chunk.log_decay[:, h : h + 1], length, masks)
@@ -171,14 +172,15 @@ def _forward_head(chunk: ChunkInputs, group: GroupInputs, h, skip, states, y_h, 
     u_h = scaled(x_h, chunk.dt[:, h : h + 1])  # u_s = dt_s x_s
     y_psum = nl.ndarray((length, head_dim), dtype=F32, buffer=nl.psum)
     nisa.nc_matmul(dst=y_psum, stationary=mixing, moving=u_h)  # Σ_s M[s, t] u_s
-    if skip is not None:
+    if d_columns is not None:
+        skip = scaled(masks.identity[0:length, 0:length], d_columns[:, h : h + 1])  # D_h I
         nisa.nc_matmul(dst=y_psum, stationary=skip, moving=x_h)  # + D_h x_t, same accumulation group
     off_psum = nl.ndarray((length, head_dim), dtype=F32, buffer=nl.psum)
-    nisa.nc_matmul(dst=off_psum, stationary=group.c_transposed, moving=states[h])  # C_t · S_prev rows
+    nisa.nc_matmul(dst=off_psum, stationary=group.c_transposed, moving=state)  # C_t · S_prev rows
     nisa.tensor_tensor(dst=y_h, data1=scaled(off_psum, chunk.decay_in[:, h : h + 1]), data2=y_psum, op=nl.add)
     # Sᵀ_new = exp(l_end) Sᵀ_prev + Σ_s exp(l_end - l_s) B_s u_sᵀ; the last column of L is exp(l_end - l_s).
     weighted_b = nl.ndarray((length, state_dim), dtype=F32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=weighted_b, data=group.b, op0=nl.multiply, operand0=decay[:, length - 1 : length])
     state_psum = nl.ndarray((state_dim, head_dim), dtype=F32, buffer=nl.psum)
     nisa.nc_matmul(dst=state_psum, stationary=weighted_b, moving=u_h)
-    states[h] = combined(scaled(states[h], chunk.decay_total[0:state_dim, h : h + 1]), state_psum, nl.add)
+    decay_and_add(state, chunk.decay_total[0:state_dim, h : h + 1], state_psum)

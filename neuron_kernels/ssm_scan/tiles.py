@@ -11,7 +11,7 @@ from neuron_kernels.nki_compat import nisa, nl
 F32 = nl.float32
 
 
-class Masks:
+class Masks(nl.NKIObject):
     """Constant [size, size] fp32 0/1 tiles, built once per kernel with ``affine_select``.
 
     For row r (partition) and column c (free index):
@@ -98,6 +98,11 @@ def scaled(tile, column):
     result = nl.ndarray(tile.shape, dtype=F32, buffer=nl.sbuf)
     nisa.activation(dst=result, op=nl.copy, data=tile, scale=column)
     return result
+
+
+def decay_and_add(dst, column, addend) -> None:
+    """``dst = dst * column + addend`` in place (ScalarE scale, VectorE add): a carried state advanced."""
+    nisa.tensor_tensor(dst=dst, data1=scaled(dst, column), data2=addend, op=nl.add)
 
 
 def combined(first, second, op, dtype=F32):

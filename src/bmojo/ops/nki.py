@@ -86,29 +86,48 @@ def _launch(kernel, *args) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(np.asarray(o, dtype=None if o.dtype.kind in "iub" else np.float32)) for o in outputs)
 
 
+def _pad_time(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[Bt, T, ...] zero-padded along time to ``length`` steps (the kernels take whole chunks)."""
+    missing = length - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:])], dim=1)
+
+
 class _SSMScanFunction(torch.autograd.Function):
-    """ssm_scan through the NKI kernels; the backward kernel recomputes the chunk states it needs."""
+    """ssm_scan through the NKI kernels; the backward kernel recomputes the chunk states it needs.
+
+    The kernels' chunk loops run whole chunks of Q = min(chunk_size, T) steps, so the sequence is padded to a
+    multiple of Q with dt = x = B = C = 0 steps: their decay is exp(0) = 1 and their input 0, so the state and
+    final state are unchanged, and with dy = 0 there they add nothing to any gradient (DESIGN §4).
+    """
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_state, chunk_size):
-        y, final_state = _launch(ssm_scan_fwd, x, dt, A, B, C, D, initial_state, chunk_size)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
-        ctx.chunk_size = chunk_size
-        return y.to(device=x.device, dtype=x.dtype), final_state.to(device=x.device, dtype=torch.float32)
+        time = x.shape[1]
+        chunk = min(chunk_size, time)
+        padded = -(-time // chunk) * chunk
+        x_p, dt_p, B_p, C_p = (_pad_time(t, padded) for t in (x, dt, B, C))
+        y, final_state = _launch(ssm_scan_fwd, x_p, dt_p, A, B_p, C_p, D, initial_state, chunk)
+        ctx.save_for_backward(x_p, dt_p, A, B_p, C_p, D, initial_state)
+        ctx.chunk, ctx.time = chunk, time
+        return y[:, :time].to(device=x.device, dtype=x.dtype), final_state.to(device=x.device, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, d_y, d_final_state):
         x, dt, A, B, C, D, initial_state = ctx.saved_tensors
-        d_y = torch.zeros_like(x) if d_y is None else d_y.to(x.dtype)
+        d_y = torch.zeros_like(x) if d_y is None else _pad_time(d_y.to(x.dtype), x.shape[1])
         if d_final_state is None:
             d_final_state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[3], dtype=torch.float32)
-        grads = _launch(ssm_scan_bwd, x, dt, A, B, C, D, initial_state, d_y, d_final_state.float(), ctx.chunk_size)
+        grads = _launch(ssm_scan_bwd, x, dt, A, B, C, D, initial_state, d_y, d_final_state.float(), ctx.chunk)
         if D is None:
             dx, ddt, dA, dB, dC, d_initial = grads
             dD = None
         else:
             dx, ddt, dA, dB, dC, dD, d_initial = grads
-        inputs = (x, dt, A, B, C, D, initial_state)
+        time = ctx.time
+        inputs = (x[:, :time], dt[:, :time], A, B[:, :time], C[:, :time], D, initial_state)
+        dx, ddt, dB, dC = (g[:, :time] for g in (dx, ddt, dB, dC))
         gradients = (dx, ddt, dA, dB, dC, dD, d_initial)
         cast = [
             None if i is None else g.to(device=i.device, dtype=i.dtype) for g, i in zip(gradients, inputs, strict=True)
