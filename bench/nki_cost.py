@@ -5,7 +5,8 @@
 
 For the chunked ``ssm_scan`` kernels (forward, backward) and, at the same channels x state x length, the
 VectorE-bound selective-scan design (forward; one ``tensor_tensor_scan`` per state per channel tile), it
-prints every engine's instruction count and modelled busy time, the estimate (the busiest engine: engines
+prints every engine's instruction counts (static: the program, each ``affine_range``/``sequential_range``
+body once; executed: every instruction run) and modelled busy time, the estimate (the busiest engine: engines
 overlap) and the engine that bounds the kernel. Times come from the cost model of
 ``neuron_kernels/interpreter/cost.py`` (public trn1 figures); they are estimates, not measurements.
 
@@ -97,9 +98,10 @@ def report(name: str, run, wall_s: float) -> dict:
     print(
         f"\n{name}: estimated {summary['estimated_us']:.0f} µs on one trn1 NeuronCore, bound by {summary['bound_by']}"
     )
-    print(f"  {'engine':8} {'instructions':>12} {'busy µs':>10}")
+    print(f"  {'engine':8} {'static':>8} {'executed':>10} {'busy µs':>10}")
     for engine, stats in summary["engines"].items():
-        print(f"  {engine:8} {stats['instructions']:>12} {stats['busy_us']:>10.0f}")
+        print(f"  {engine:8} {stats['static_instructions']:>8} {stats['instructions']:>10} {stats['busy_us']:>10.0f}")
+    print(f"  {'all':8} {summary['static_instructions']:>8} {summary['executed_instructions']:>10}")
     print(f"  peak SBUF {run.peak_sbuf_bytes_per_partition} B/partition, peak PSUM {run.peak_psum_banks} banks")
     return {
         **summary,
