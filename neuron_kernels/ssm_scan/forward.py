@@ -25,12 +25,27 @@ from neuron_kernels.ssm_scan.tiles import (
 from neuron_kernels.ssm_scan.tiles import matmul as matmul_to_sbuf
 
 MAX_TILE = 128
+SBUF_BYTES_PER_PARTITION = 192 * 1024  # NeuronCore-v2: 24 MiB over 128 partitions
+
+
+def sbuf_bytes_per_partition(heads: int, head_dim: int, state_dim: int, chunk: int) -> tuple[int, int]:
+    """Upper bounds of the SBUF bytes per partition the forward and the backward kernel hold at once (fp32).
+
+    Per head: the forward's Sᵀ, x and y slices (P columns each) and 6 per-head columns ([Q, H] tiles such as
+    dt and the decays); the backward's Γ (N columns), Γᵀ, x, dy, dx slices and 14 columns. Plus, independent
+    of H: the 6 constant masks, then the largest working set of one group and one head, counted in tiles of
+    Q, N and P columns. tests/test_nki_ssm_scan.py holds these against the interpreter's high-water marks.
+    """
+    masks_forward, masks_backward = max(chunk, state_dim), max(chunk, state_dim, head_dim)
+    forward = heads * (3 * head_dim + 6) + 6 * masks_forward + 6 * chunk + 3 * state_dim + 2 * head_dim
+    backward = heads * (state_dim + 4 * head_dim + 14) + 6 * masks_backward + 8 * chunk + 2 * state_dim + 7 * head_dim
+    return 4 * forward, 4 * backward
 
 
 def check_shapes(x, B, chunk_size: int) -> None:
     """Tile limits of the kernels, checked by the op wrapper before launching: Q, P, N <= 128 (partition
-    dimension), G divides H, H <= 512."""
-    heads, head_dim = x.shape[2], x.shape[3]
+    dimension), G divides H, H <= 512, and the tiles held at once fit the SBUF of a partition."""
+    time, heads, head_dim = x.shape[1], x.shape[2], x.shape[3]
     groups, state_dim = B.shape[2], B.shape[3]
     if not 1 <= chunk_size <= MAX_TILE:
         raise ValueError(f"ssm_scan nki kernel: chunk_size must be in [1, {MAX_TILE}], got {chunk_size}")
@@ -42,6 +57,13 @@ def check_shapes(x, B, chunk_size: int) -> None:
         raise ValueError(f"ssm_scan nki kernel: groups G = {groups} must divide heads H = {heads}")
     if heads > 512:
         raise ValueError(f"ssm_scan nki kernel: at most 512 heads (one PSUM bank of per-head columns), got {heads}")
+    forward, backward = sbuf_bytes_per_partition(heads, head_dim, state_dim, min(chunk_size, time))
+    if max(forward, backward) > SBUF_BYTES_PER_PARTITION:
+        raise ValueError(
+            f"ssm_scan nki kernel: H = {heads}, P = {head_dim}, N = {state_dim} need {forward} (forward) and "
+            f"{backward} (backward) SBUF bytes per partition; NeuronCore-v2 has {SBUF_BYTES_PER_PARTITION}: "
+            "use fewer heads per call or a smaller head_dim"
+        )
 
 
 def load_states_transposed(initial_state, b: int, states, head_dim: int) -> None:
