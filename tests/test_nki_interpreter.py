@@ -246,6 +246,16 @@ def test_matmul_must_write_psum(machine):
         nisa.nc_matmul(dst=empty((4, 4)), stationary=operand, moving=operand)
 
 
+def test_onezero_flags_hold_only_for_0_1_operands(machine):
+    mask = tile(np.triu(np.ones((4, 4), dtype=np.float32)))
+    moving = tile(random(4, 3))
+    product = empty((4, 3), buffer=nl.psum)
+    nisa.nc_matmul(dst=product, stationary=mask, moving=moving, is_stationary_onezero=True)
+    np.testing.assert_allclose(read(product), np.triu(np.ones((4, 4))).T @ read(moving), rtol=1e-6)
+    with pytest.raises(HardwareRuleError, match="is_moving_onezero=True but the moving holds values other than 0/1"):
+        nisa.nc_matmul(dst=empty((4, 3), buffer=nl.psum), stationary=mask, moving=moving, is_moving_onezero=True)
+
+
 def test_rejects_dma_from_psum(machine):
     result = empty((4, 4), buffer=nl.psum)
     nisa.nc_matmul(dst=result, stationary=tile(random(4, 4)), moving=tile(random(4, 4)))

@@ -359,6 +359,12 @@ def nc_matmul(
         raise HardwareRuleError("nc_matmul: dst mixes fresh and accumulating PSUM elements")
     machine = current_machine()
     if machine.execute:
+        for flag, role, tile in (
+            (is_stationary_onezero, "stationary", stationary),
+            (is_moving_onezero, "moving", moving),
+        ):
+            if flag and not np.isin(_values(tile), (0.0, 1.0)).all():
+                raise HardwareRuleError(f"nc_matmul: is_{role}_onezero=True but the {role} holds values other than 0/1")
         product = _values(stationary).T @ _values(moving)
         if accumulate:
             product = product + _values(dst)

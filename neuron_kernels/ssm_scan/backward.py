@@ -188,9 +188,18 @@ def _log_decay_gradients(chunk: ChunkInputs, columns: _ChunkGradients, a_columns
     ddt = x·du + A dla, dA += Σ_u dt_u dla_u and dD += Σ_t g_t·x_t."""
     length, state_dim = chunk.length, columns.state.shape[0]
     dla_psum = nl.ndarray(chunk.dt.shape, dtype=F32, buffer=nl.psum)
-    nisa.nc_matmul(dst=dla_psum, stationary=masks.lower[0:length, 0:length], moving=columns.log_decay)
-    nisa.nc_matmul(dst=dla_psum, stationary=masks.strict_upper[0:length, 0:length], moving=columns.to_end)
-    nisa.nc_matmul(dst=dla_psum, stationary=masks.ones[0:state_dim, 0:length], moving=columns.state)
+    nisa.nc_matmul(
+        dst=dla_psum, stationary=masks.lower[0:length, 0:length], moving=columns.log_decay, is_stationary_onezero=True
+    )
+    nisa.nc_matmul(
+        dst=dla_psum,
+        stationary=masks.strict_upper[0:length, 0:length],
+        moving=columns.to_end,
+        is_stationary_onezero=True,
+    )
+    nisa.nc_matmul(
+        dst=dla_psum, stationary=masks.ones[0:state_dim, 0:length], moving=columns.state, is_stationary_onezero=True
+    )
     through_decay = combined(a_columns[0:length, :], dla_psum, nl.multiply)
     nisa.dma_copy(dst=ddt_rows, src=combined(through_decay, columns.dt_direct, nl.add))
     ones_column = masks.ones[0:length, 0:1]
@@ -202,7 +211,7 @@ def _log_decay_gradients(chunk: ChunkInputs, columns: _ChunkGradients, a_columns
 def _add_column_sums(total, ones_column, tile) -> None:
     """``total`` [1, H] (SBUF) += Σ_t tile[t, :]: a ones matmul whose PSUM group closes within the chunk."""
     sums_psum = nl.ndarray(total.shape, dtype=F32, buffer=nl.psum)
-    nisa.nc_matmul(dst=sums_psum, stationary=ones_column, moving=tile)
+    nisa.nc_matmul(dst=sums_psum, stationary=ones_column, moving=tile, is_stationary_onezero=True)
     nisa.tensor_tensor(dst=total, data1=total, data2=sums_psum, op=nl.add)
 
 

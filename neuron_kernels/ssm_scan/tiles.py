@@ -62,17 +62,18 @@ def transpose(tile, on_scalar_engine: bool = True):
     return evacuate(psum_tile, on_scalar_engine)
 
 
-def matmul(stationary, moving, on_scalar_engine: bool = True):
-    """``stationary.T @ moving`` as a new SBUF tile [stationary free, moving free]."""
+def matmul(stationary, moving, on_scalar_engine: bool = True, onezero_stationary: bool = False):
+    """``stationary.T @ moving`` as a new SBUF tile [stationary free, moving free] (``onezero_stationary``: it
+    holds only 0 and 1, which TensorE is told through ``is_stationary_onezero``)."""
     psum_tile = nl.ndarray((stationary.shape[1], moving.shape[1]), dtype=F32, buffer=nl.psum)
-    nisa.nc_matmul(dst=psum_tile, stationary=stationary, moving=moving)
+    nisa.nc_matmul(dst=psum_tile, stationary=stationary, moving=moving, is_stationary_onezero=onezero_stationary)
     return evacuate(psum_tile, on_scalar_engine)
 
 
-def exp_of_matmul(stationary, moving):
-    """``exp(stationary.T @ moving)`` as a new SBUF tile (the exp reads PSUM directly on ScalarE)."""
-    psum_tile = nl.ndarray((stationary.shape[1], moving.shape[1]), dtype=F32, buffer=nl.psum)
-    nisa.nc_matmul(dst=psum_tile, stationary=stationary, moving=moving)
+def exp_of_matmul(mask, moving):
+    """``exp(mask.T @ moving)`` as a new SBUF tile for a 0/1 ``mask`` stationary (the exp reads PSUM on ScalarE)."""
+    psum_tile = nl.ndarray((mask.shape[1], moving.shape[1]), dtype=F32, buffer=nl.psum)
+    nisa.nc_matmul(dst=psum_tile, stationary=mask, moving=moving, is_stationary_onezero=True)
     result = nl.ndarray(psum_tile.shape, dtype=F32, buffer=nl.sbuf)
     nisa.activation(dst=result, op=nl.exp, data=psum_tile)
     return result
@@ -83,7 +84,7 @@ def broadcast_vector(vector, partitions: int, masks: Masks):
     length = vector.shape[0]
     row = nl.ndarray((1, length), dtype=F32, buffer=nl.sbuf)
     nisa.dma_copy(dst=row, src=vector)
-    return matmul(masks.ones[0:1, 0:partitions], row)
+    return matmul(masks.ones[0:1, 0:partitions], row, onezero_stationary=True)
 
 
 def load(src, rows: int, columns: int, dtype=F32):
