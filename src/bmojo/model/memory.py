@@ -10,11 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class InnovationPredictor(nn.Module):
-    """Linear one-step predictor ``P`` of the layer input from the SSM output (full ``D x D`` or rank ``r``)."""
+    """Linear one-step predictor ``P`` of the layer input from the SSM output (full ``D x D`` or rank ``r``).
+
+    It computes in fp32 whatever the dtype of its weights, input or an enclosing autocast: where it predicts
+    well, ``h - P s`` is a small difference of near-equal terms, which bf16 would leave mostly rounding.
+    """
 
     def __init__(self, hidden_size: int, rank: int | None):
         super().__init__()
@@ -26,38 +31,45 @@ class InnovationPredictor(nn.Module):
             )
 
     def forward(self, s_prev: torch.Tensor) -> torch.Tensor:
-        return self.proj(s_prev)
+        """s_prev: [B, T, D] -> P s_prev: [B, T, D] fp32; gradients reach the weights in their own dtype."""
+        layers = self.proj if isinstance(self.proj, nn.Sequential) else (self.proj,)
+        with torch.autocast(s_prev.device.type, enabled=False):  # autocast would cast back to bf16
+            prediction = s_prev.float()
+            for layer in layers:
+                prediction = F.linear(prediction, layer.weight.float())
+        return prediction
 
 
 def innovation_scores(
     predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Innovation ratio and the predictor's auxiliary loss.
+    """Innovation ratio and the predictor's auxiliary loss, both computed in fp32.
 
     h: [B, T, D] layer input, s_prev: [B, T, D] SSM output one step earlier (zeros before the first token).
     Returns (iota: [B, T] fp32 without gradient, aux: scalar, the mean over tokens of ``||e||^2 / D``, whose
     gradient reaches only the predictor because both of its inputs are detached). Dividing by ``D`` keeps the
     loss's size independent of the width; it rescales only the predictor's gradient.
     """
-    h_sg, s_sg = h.detach(), s_prev.detach()
-    err = (h_sg - predictor(s_sg)).float()
+    h32 = h.detach().float()
+    err = h32 - predictor(s_prev.detach())
     aux = err.pow(2).mean()
-    return _ratio(err.detach(), h_sg, eps), aux
+    return _ratio(err.detach(), h32, eps), aux
 
 
 @torch.no_grad()
 def innovation_ratio(predictor: InnovationPredictor, h: torch.Tensor, s_prev: torch.Tensor, eps: float) -> torch.Tensor:
-    """The ratio ``iota`` of :func:`innovation_scores` alone, for decoding (no aux loss).
+    """The ratio ``iota`` of :func:`innovation_scores` alone, for decoding (no aux loss), computed in fp32.
 
     h, s_prev: [B, T, D] -> iota: [B, T] fp32.
     """
-    return _ratio((h - predictor(s_prev)).float(), h, eps)
+    h32 = h.float()
+    return _ratio(h32 - predictor(s_prev), h32, eps)
 
 
 def _ratio(err: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
-    """``||err||² / (||h||² + eps)`` per token: err [B, T, D] fp32, h [B, T, D] -> [B, T] fp32."""
-    h32 = h.float()
-    return torch.linalg.vecdot(err, err) / torch.linalg.vecdot(h32, h32).add_(eps)
+    """``||err||² / (||h||² + eps)`` per token: err, h [B, T, D] fp32 -> [B, T] fp32."""
+    with torch.autocast(err.device.type, enabled=False):  # CPU autocast would run vecdot in bf16
+        return torch.linalg.vecdot(err, err) / torch.linalg.vecdot(h, h).add_(eps)
 
 
 def block_candidates(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
