@@ -40,12 +40,26 @@ def test_neuron_parallel_compile_trial_runs_are_recognised(monkeypatch, value, t
     assert xla_module.is_trial_run() is trial
 
 
-def test_bf16_casts_parameters_but_keeps_rope_frequencies_in_fp32_and_tied_weights_tied():
-    model = BmojoForCausalLM(BmojoConfig(vocab_size=64, hidden_size=32, layer_pattern="W", tie_word_embeddings=True))
+def test_bf16_casts_parameters_but_keeps_ssm_dynamics_norms_and_rope_frequencies_in_fp32_and_tied_weights_tied():
+    config = BmojoConfig(
+        vocab_size=64, hidden_size=32, layer_pattern="MWFB", num_hidden_layers=4, qk_norm=True, tie_word_embeddings=True
+    )
+    model = BmojoForCausalLM(config)
     xla_module.cast_parameters_to_bf16(model)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    names = dict(model.named_parameters())
+    dynamics = {name for name in names if name.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D")}
+    norms = {name for name in names if name.endswith("norm.weight")}  # residual, q/k and the SSMs' gated norms
+    assert len(dynamics) == 3 * 3 and sum(".mixer.ssm." in name for name in dynamics) == 2 * 3  # M, F and B
+    assert {name for name, p in names.items() if p.dtype == torch.float32} == dynamics | norms
+    assert {p.dtype for name, p in names.items() if name not in dynamics | norms} == {torch.bfloat16}
     assert {b.dtype for b in model.buffers()} == {torch.float32}
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    # The model trains with these mixed dtypes, each gradient in its parameter's dtype.
+    ids = torch.randint(0, 64, (2, 80), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert bool(torch.isfinite(out.loss))
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
 
 
 def test_each_micro_batch_travels_as_its_own_tensor():

@@ -45,6 +45,11 @@ PATTERNS = {
 SSM = ("model=M_tiny", "model.num_hidden_layers=1")
 
 
+def kept_in_fp32(name: str) -> bool:
+    """Whether bf16 training keeps parameter ``name`` in fp32: an SSM's A_log, dt_bias or D, or a norm weight."""
+    return name.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D") or name.endswith("norm.weight")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """``run(name, *overrides)`` trains the tiny recipe in its own folder and returns that folder."""
@@ -128,11 +133,34 @@ def test_a_step_of_an_ssm_runs_as_one_graph_in_bf16_with_stochastic_rounding(run
     losses = [r["loss"] for r in records(run_dir).values()]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     weights = load_file(latest_checkpoint(run_dir / CHECKPOINTS) / "model.safetensors")
-    for name, weight in weights.items():  # trained in bf16: every saved weight is a bf16 value
-        assert torch.equal(weight.to(torch.bfloat16).float(), weight.float()), name
+    is_bf16_value = {name: torch.equal(weight.to(torch.bfloat16).float(), weight) for name, weight in weights.items()}
+    assert all(is_bf16 for name, is_bf16 in is_bf16_value.items() if not kept_in_fp32(name))  # trained in bf16
+    assert not any(is_bf16 for name, is_bf16 in is_bf16_value.items() if kept_in_fp32(name))  # trained in fp32
     exported = load_file(run_dir / "export" / "model.safetensors")  # written from the host copy too
     shared = exported.keys() & weights.keys()  # the two files may keep different names of a tied weight
     assert len(shared) > 1 and all(torch.equal(exported[name], weights[name]) for name in shared)
+
+
+def test_bf16_keeps_the_ssm_dynamics_and_norms_in_fp32_and_trains_a_bmojo_layer(run, monkeypatch):
+    placed = []
+    place_model = xla_module.XlaTrainer._place_model
+
+    def recording(self, model):
+        placed.append(place_model(self, model))
+        return placed[-1]
+
+    monkeypatch.setattr(xla_module.XlaTrainer, "_place_model", recording)
+    xla_metrics.clear_counters()
+    run_dir = run("B_bf16", *PATTERNS["B"], "trainer.precision=bf16", *ON_XLA)
+
+    (model,) = placed
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert any(".mixer.ssm.A_log" in name for name in dtypes)  # the B layer's inner SSM
+    assert {name for name, dtype in dtypes.items() if dtype == torch.float32} == set(filter(kept_in_fp32, dtypes))
+    assert {dtype for name, dtype in dtypes.items() if not kept_in_fp32(name)} == {torch.bfloat16}
+    assert xla_module.host_fallback_ops() == {}
+    losses = [r["loss"] for r in records(run_dir).values()]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def poison_losses(monkeypatch, bad_calls: set[int] | None) -> None:

@@ -6,7 +6,8 @@ in a step closure, only at logging points), and non-finite steps neutralised on 
 skipped by a host-side branch. ``torch_xla`` is imported only when a device is asked for.
 
 bf16 follows the Neuron SDK (``XLA_USE_BF16`` / ``XLA_DOWNCAST_BF16`` ended with SDK 2.24): the parameters
-are cast to bf16 and the Neuron runtime rounds stochastically (``NEURON_RT_STOCHASTIC_ROUNDING_EN=1``).
+are cast to bf16 and the Neuron runtime rounds stochastically (``NEURON_RT_STOCHASTIC_ROUNDING_EN=1``), except
+the SSM dynamics and the norm weights, which stay fp32 (:data:`FP32_PARAMETERS`).
 
 Under ``neuron_parallel_compile`` (``NEURON_EXTRACT_GRAPHS_ONLY`` set) a run only traces its graphs and every
 value it reads is zero, so such a trial run writes no checkpoint, export or sample.
@@ -25,6 +26,8 @@ import torch
 
 from bmojo import BmojoForCausalLM
 from bmojo.data import eval_batches
+from bmojo.model.layers import GatedRMSNorm, RMSNorm
+from bmojo.model.mamba2 import Mamba2Mixer
 from bmojo.train.config import Precision
 from bmojo.train.device import DeviceError, to_host
 from bmojo.train.processes import is_one_process_recipe
@@ -35,6 +38,15 @@ logger = logging.getLogger(__name__)
 TRIAL_RUN_VARIABLE = "NEURON_EXTRACT_GRAPHS_ONLY"
 STOCHASTIC_ROUNDING_VARIABLE = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
 RETIRED_BF16_VARIABLES = ("XLA_USE_BF16", "XLA_DOWNCAST_BF16")
+# Parameters bf16 training keeps in fp32, by the module that owns them (the modules compute with them in fp32).
+# The SSM's decay exp(dt * A) compounds over the sequence, so a rounded A_log or dt_bias shifts every state
+# after it: mamba_ssm advises fp32 for the recurrent dynamics. D and the norm weights are a few numbers per
+# channel that scale every activation; keeping them costs next to nothing.
+FP32_PARAMETERS: dict[type[torch.nn.Module], tuple[str, ...]] = {
+    Mamba2Mixer: ("A_log", "dt_bias", "D"),
+    RMSNorm: ("weight",),
+    GatedRMSNorm: ("weight",),
+}
 
 
 def import_torch_xla() -> SimpleNamespace:
@@ -96,10 +108,23 @@ def configure_precision(precision: Precision) -> None:
         os.environ.setdefault(STOCHASTIC_ROUNDING_VARIABLE, "1")
 
 
+def fp32_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The parameters of ``model`` that :data:`FP32_PARAMETERS` keeps in fp32 (the inner SSMs of F/B included)."""
+    kept = set()
+    for module in model.modules():
+        for kind, names in FP32_PARAMETERS.items():
+            if isinstance(module, kind):
+                kept.update(getattr(module, name) for name in names)
+    return kept
+
+
 def cast_parameters_to_bf16(model: torch.nn.Module) -> None:
-    """Parameters to bf16 in place; buffers (the RoPE frequencies) stay fp32 for exact angles."""
+    """Parameters to bf16 in place, but :func:`fp32_parameters`; buffers (the RoPE frequencies) stay fp32 for
+    exact angles. Each parameter keeps its object, so tied weights stay tied."""
+    kept = fp32_parameters(model)
     for parameter in model.parameters():
-        parameter.data = parameter.data.to(torch.bfloat16)
+        if parameter not in kept:
+            parameter.data = parameter.data.to(torch.bfloat16)
 
 
 def send_micro_batches(step_blocks: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
