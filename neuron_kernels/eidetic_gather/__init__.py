@@ -1,1 +1,1 @@
-"""NKI kernels of ``eidetic_gather`` (DESIGN §2.4): indirect-DMA row gather and its scatter-add backward."""
+"""NKI kernels of ``eidetic_gather`` (DESIGN §2.4): indirect-DMA row gather and its backward."""

@@ -15,7 +15,8 @@ import torch
 from bmojo.ops.eidetic_gather import EIDETIC_GATHER
 from bmojo.ops.ssm_scan import SSM_SCAN
 from neuron_kernels import nki_compat
-from neuron_kernels.eidetic_gather.kernels import eidetic_gather_bwd, eidetic_gather_fwd
+from neuron_kernels.eidetic_gather.kernels import ROWS_PER_TILE, eidetic_gather_bwd, eidetic_gather_fwd
+from neuron_kernels.eidetic_gather.kernels import check_shapes as check_gather_shapes
 from neuron_kernels.interpreter import TypedArray, run_kernel
 from neuron_kernels.ssm_scan.backward import ssm_scan_bwd
 from neuron_kernels.ssm_scan.forward import check_shapes, ssm_scan_fwd
@@ -143,19 +144,30 @@ def ssm_scan_nki(x, dt, A, B, C, D, initial_state, chunk_size):
 
 
 class _EideticGatherFunction(torch.autograd.Function):
-    """Indirect-DMA gather forward, DMA scatter-add backward (accumulated in fp32)."""
+    """Indirect-DMA gather forward; the backward sums duplicate rows on chip and scatters each row once (fp32).
+
+    The kernels take rows of the flattened [B*T, F] source (b*T + index) in whole tiles of 128, so the
+    selected rows are padded with row b*T (index 0) and the padded output rows dropped; in the backward the
+    padded rows carry zero gradient, which adds nothing to row b*T.
+    """
 
     @staticmethod
     def forward(ctx, src, index):
-        rows = index.to(torch.int32)
+        batch, length, features = src.shape
+        selected = index.shape[1]
+        padded = -(-selected // ROWS_PER_TILE) * ROWS_PER_TILE
+        check_gather_shapes(batch, length, padded, features)
+        offsets = torch.arange(batch, device=index.device).unsqueeze(1) * length
+        rows = (torch.nn.functional.pad(index, (0, padded - selected)) + offsets).to(torch.int32)
         (out,) = _launch(eidetic_gather_fwd, src, rows)
         ctx.save_for_backward(rows)
         ctx.src_shape, ctx.src_dtype = src.shape, src.dtype
-        return out.to(device=src.device, dtype=src.dtype)
+        return out[:, :selected].to(device=src.device, dtype=src.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         (rows,) = ctx.saved_tensors
+        d_out = torch.nn.functional.pad(d_out, (0, 0, 0, rows.shape[1] - d_out.shape[1]))
         (d_src,) = _launch(eidetic_gather_bwd, d_out, rows, ctx.src_shape[1])
         return d_src.to(device=d_out.device, dtype=ctx.src_dtype), None
 
