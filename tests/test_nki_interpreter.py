@@ -74,20 +74,40 @@ def test_dma_indirect_gather_reads_rows_by_vector_offset(machine):
     np.testing.assert_array_equal(read(out), table[rows[:, 0]])
 
 
-def test_dma_scatter_add_accumulates_repeated_indices(machine):
+def test_dma_scatter_add_accumulates_onto_unique_rows(machine):
     target = nl.ndarray((6, 3), dtype=nl.float32, buffer=nl.shared_hbm)
     start = random(6, 3)
     nisa.dma_copy(dst=target, src=hbm(start))
-    rows = np.array([[1], [4], [1]], dtype=np.int32)
+    rows = np.array([[1], [4], [0]], dtype=np.int32)
     updates = random(3, 3)
     view = target.ap(pattern=[[3, 3], [1, 3]], offset=0, vector_offset=tile(rows), indirect_dim=0)
-    nisa.dma_copy(dst=view, src=tile(updates), dst_rmw_op=nl.add, unique_indices=False)
+    nisa.dma_copy(dst=view, src=tile(updates), dst_rmw_op=nl.add)
     expected = start.copy()
-    for i, row in enumerate(rows[:, 0]):
-        expected[row] += updates[i]
+    expected[rows[:, 0]] += updates
     np.testing.assert_allclose(read(target), expected, rtol=1e-6)
-    with pytest.raises(HardwareRuleError, match="unique_indices"):
-        nisa.dma_copy(dst=view, src=tile(updates), dst_rmw_op=nl.add, unique_indices=True)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_dma_scatter_refuses_repeated_rows_citing_the_stub(machine, accumulate):
+    target = nl.ndarray((6, 3), dtype=nl.float32, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=target, src=hbm(np.zeros((6, 3), dtype=np.float32)))
+    rows = tile(np.array([[1], [4], [1]], dtype=np.int32))
+    view = target.ap(pattern=[[3, 3], [1, 3]], offset=0, vector_offset=rows, indirect_dim=0)
+    rmw = {"dst_rmw_op": nl.add, "unique_indices": False} if accumulate else {}
+    with pytest.raises(HardwareRuleError, match=r"rows \[1\] more than once.*\*\*unique\*\* dynamic indices"):
+        nisa.dma_copy(dst=view, src=tile(random(3, 3)), **rmw)
+
+
+def test_dma_scatter_checks_only_the_rows_it_does_not_skip(machine):
+    target = nl.ndarray((6, 3), dtype=nl.float32, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=target, src=hbm(np.zeros((6, 3), dtype=np.float32)))
+    rows = np.array([[2], [9], [9]], dtype=np.int32)  # the repeated 9 lies past the end: skipped, not a repeat
+    updates = random(3, 3)
+    view = target.ap(pattern=[[3, 3], [1, 3]], offset=0, vector_offset=tile(rows), indirect_dim=0)
+    nisa.dma_copy(dst=view, src=tile(updates), oob_mode=nisa.oob_mode.skip)
+    expected = np.zeros((6, 3), dtype=np.float32)
+    expected[2] = updates[0]
+    np.testing.assert_array_equal(read(target), expected)
 
 
 def test_dma_out_of_bounds_index_errors_or_is_skipped(machine):

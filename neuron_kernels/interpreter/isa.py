@@ -243,8 +243,22 @@ def dma_copy(
     machine.stats.record("DMA", kind, num_bytes, seconds=cost.dma_seconds(num_bytes, sbuf_side))
 
 
+# nki.isa.dma_copy (SDK 2.28 stub): "When sw_dge is selected, nisa.dma_copy can also perform a gather or
+# scatter operation, using a list of **unique** dynamic indices from SBUF."
+UNIQUE_SCATTER_RULE = (
+    "software-DGE scatter takes a list of unique dynamic indices (nki.isa.dma_copy docstring, SDK 2.28 stub "
+    "nki/api/nki/isa/__init__.py: 'perform a gather or scatter operation, using a list of **unique** dynamic "
+    "indices'); unique_indices=False does not lift this: combine the duplicate rows on chip first and send "
+    "the later ones out of bounds with oob_mode=nisa.oob_mode.skip"
+)
+
+
 def _move(dst: Tensor, src: Tensor, accumulate: bool, unique_indices: bool, skip: bool) -> None:
-    """Element i of src (C order) to element i of dst; with ``skip``, pairs with an out-of-bounds side are dropped."""
+    """Element i of src (C order) to element i of dst; with ``skip``, pairs with an out-of-bounds side are dropped.
+
+    A scatter (indirect ``dst``) whose transferred elements repeat a destination is refused
+    (:data:`UNIQUE_SCATTER_RULE`).
+    """
     src_index, src_valid = src.element_indices(oob_skip=skip)
     dst_index, dst_valid = dst.element_indices(oob_skip=skip)
     src_index, dst_index = src_index.reshape(-1), dst_index.reshape(-1)
@@ -252,13 +266,19 @@ def _move(dst: Tensor, src: Tensor, accumulate: bool, unique_indices: bool, skip
     for valid in (src_valid, dst_valid):
         if valid is not None:
             keep &= valid.reshape(-1)
+    targets, inverse = np.unique(dst_index[keep], return_inverse=True)
+    if dst.indirect is not None and len(targets) != int(keep.sum()):
+        row_size = math.prod(dst.indirect[3][1:])
+        repeated_rows = np.unique(targets[np.bincount(inverse) > 1] // row_size)
+        raise HardwareRuleError(
+            f"dma_copy: the scatter writes rows {repeated_rows[:8].tolist()} more than once: {UNIQUE_SCATTER_RULE}"
+        )
     values = load_elements(src.allocation, src_index[keep])
     if not accumulate:
         store_elements(dst.allocation, dst_index[keep], values)
         return
-    targets, inverse = np.unique(dst_index[keep], return_inverse=True)
     if unique_indices and len(targets) != int(keep.sum()):
-        raise HardwareRuleError("dma_copy: indices repeat but unique_indices=True; pass unique_indices=False")
+        raise HardwareRuleError("dma_copy: destination elements repeat but unique_indices=True")
     sums = np.zeros(len(targets), dtype=np.float32)
     np.add.at(sums, inverse, values.astype(np.float32))
     store_elements(dst.allocation, targets, load_elements(dst.allocation, targets) + sums)
