@@ -14,6 +14,11 @@ The chunked kernels run on random inputs and their outputs and gradients are che
 backend (about 2 minutes of NumPy at the default size); ``--trace-only`` skips the computing and only checks
 every instruction against the hardware rules and counts it (the counts are the same). The selective-scan
 baseline is always traced: its per-step scans are far too slow to execute in NumPy at this size.
+
+The ``eidetic_gather`` kernels (forward gather, backward duplicate-combining scatter) run at B x T of the
+scan, ``--gather-selected`` rows per batch row (padded to whole 128-row tiles, as the op wrapper does) and
+``--gather-features`` features in ``--gather-dtype``, with indices drawn from a few hundred tokens so that
+most of them repeat; executed, their outputs are checked against the ``torch`` backend.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from bmojo.ops import eidetic_gather  # noqa: E402
 from bmojo.ops.ssm_scan import ssm_scan  # noqa: E402
-from neuron_kernels.interpreter import ShapeOnly, cost, run_kernel  # noqa: E402
+from neuron_kernels.eidetic_gather.kernels import ROWS_PER_TILE, eidetic_gather_bwd, eidetic_gather_fwd  # noqa: E402
+from neuron_kernels.interpreter import ShapeOnly, TypedArray, cost, run_kernel  # noqa: E402
 from neuron_kernels.ssm_scan.backward import ssm_scan_bwd  # noqa: E402
 from neuron_kernels.ssm_scan.forward import ssm_scan_fwd  # noqa: E402
 from neuron_kernels.ssm_scan.selective_scan import selective_scan_fwd  # noqa: E402
@@ -46,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--state-dim", type=int, default=128)
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--gather-selected", type=int, default=1056, help="rows gathered per batch row (S)")
+    parser.add_argument("--gather-features", type=int, default=2048, help="features per gathered row (F)")
+    parser.add_argument("--gather-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--trace-only", action="store_true", help="count instructions without computing")
     parser.add_argument("--json", type=Path, default=Path("bench/results/nki_cost.json"))
     return parser.parse_args()
@@ -90,6 +100,54 @@ def check_against_torch(tensors: dict, forward_outputs, backward_outputs, chunk_
     return {
         label: float((torch.from_numpy(g) - r.detach()).abs().max() / r.detach().abs().max())
         for label, g, r in zip(labels, got, reference, strict=True)
+    }
+
+
+def gather_inputs(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """src [B, T, F], index [B, S] over a few hundred tokens (most selected rows repeat), d_out [B, S, F]."""
+    generator = torch.Generator().manual_seed(1)
+    batch, length, selected, features = args.batch, args.seq_len, args.gather_selected, args.gather_features
+    dtype = getattr(torch, args.gather_dtype)
+    tokens = torch.randperm(length, generator=generator)[: max(1, selected // 4)]
+    index = tokens[torch.randint(0, len(tokens), (batch, selected), generator=generator)]
+    return {
+        "src": torch.randn(batch, length, features, generator=generator).to(dtype),
+        "index": index,
+        "d_out": torch.randn(batch, selected, features, generator=generator).to(dtype),
+    }
+
+
+def gather_kernel_args(tensors: dict[str, torch.Tensor], execute: bool) -> tuple[list, list]:
+    """(forward, backward) kernel arguments: rows b*T + index padded to whole tiles, d_out padded with zeros."""
+    src, index, d_out = tensors["src"], tensors["index"], tensors["d_out"]
+    (batch, length, _), selected = src.shape, index.shape[1]
+    padded = -(-selected // ROWS_PER_TILE) * ROWS_PER_TILE
+    offsets = torch.arange(batch).unsqueeze(1) * length
+    rows = (torch.nn.functional.pad(index, (0, padded - selected)) + offsets).to(torch.int32)
+    d_out = torch.nn.functional.pad(d_out, (0, 0, 0, padded - selected))
+    dtype = str(src.dtype).removeprefix("torch.")
+
+    def host(tensor: torch.Tensor):
+        if not execute:
+            return ShapeOnly(tuple(tensor.shape), dtype)
+        return TypedArray(tensor.float().numpy(), dtype) if dtype == "bfloat16" else tensor.numpy()
+
+    rows_arg = rows.numpy() if execute else ShapeOnly(tuple(rows.shape), "int32")
+    return [host(src), rows_arg], [host(d_out), rows_arg, length]
+
+
+def check_gather_against_torch(tensors: dict[str, torch.Tensor], out, d_src) -> dict[str, float]:
+    """max |kernel - torch backend| / max |torch backend| for the gathered rows and the source gradient.
+
+    The reference runs in fp32 on the same (bf16-representable) values: the kernel returns d_src in fp32.
+    """
+    leaf = tensors["src"].float().requires_grad_()
+    want = eidetic_gather(leaf, tensors["index"], backend="torch")
+    (want.float() * tensors["d_out"].float()).sum().backward()
+    got_out = torch.from_numpy(out)[:, : tensors["index"].shape[1]]
+    return {
+        label: float((g - r.detach().float()).abs().max() / r.detach().float().abs().max())
+        for label, g, r in (("out", got_out, want), ("d_src", torch.from_numpy(d_src), leaf.grad))
     }
 
 
@@ -167,6 +225,24 @@ def main() -> None:
             baseline_s,
         ),
     }
+    gather = gather_inputs(args)
+    gather_forward_args, gather_backward_args = gather_kernel_args(gather, execute)
+    gather_forward, gather_forward_s = timed(eidetic_gather_fwd, *gather_forward_args, execute=execute)
+    gather_backward, gather_backward_s = timed(eidetic_gather_bwd, *gather_backward_args, execute=execute)
+    gather_config = f"S={args.gather_selected}, F={args.gather_features}, {args.gather_dtype}"
+    results["gather_config"] = {
+        "selected": args.gather_selected,
+        "features": args.gather_features,
+        "dtype": args.gather_dtype,
+    }
+    results["eidetic_gather_fwd"] = report(
+        f"eidetic_gather forward (indirect DMA gather, {gather_config})", gather_forward, gather_forward_s
+    )
+    results["eidetic_gather_bwd"] = report(
+        f"eidetic_gather backward (duplicates combined on TensorE, one scatter per row, {gather_config})",
+        gather_backward,
+        gather_backward_s,
+    )
     ratio = results["selective_scan_fwd_baseline"]["estimated_us"] / results["ssm_scan_fwd"]["estimated_us"]
     results["baseline_over_chunked_forward"] = ratio
     print(f"\nforward: the selective-scan baseline is estimated {ratio:.1f}x slower than the chunked kernel")
@@ -174,6 +250,9 @@ def main() -> None:
         errors = check_against_torch(tensors, forward.outputs, backward.outputs, args.chunk_size)
         results["max_relative_error_vs_torch"] = errors
         print("max |kernel - torch backend| / max |torch backend|:", {k: f"{v:.1e}" for k, v in errors.items()})
+        gather_errors = check_gather_against_torch(gather, gather_forward.outputs, gather_backward.outputs)
+        results["eidetic_gather_max_relative_error_vs_torch"] = gather_errors
+        print("eidetic_gather, same measure:", {k: f"{v:.1e}" for k, v in gather_errors.items()})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.json}")
