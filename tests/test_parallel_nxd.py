@@ -104,28 +104,22 @@ def test_exactly_the_plans_modules_are_wrapped_with_the_right_arguments(sharded)
         if rule.role == Role.column:
             expected[rule.fqn] = ("ColumnParallelLinear", dict(gather_output=False, sequence_parallel_enabled=False))
         elif rule.role == Role.row:
+            # Residual outputs are reduce-scattered after the layer, the others all-reduced inside it.
             scatter = rule.output == Output.residual
-            expected[rule.fqn] = (
-                "RowParallelLinear",
-                dict(
-                    input_is_parallel=True, sequence_parallel_enabled=scatter, sequence_dimension=1 if scatter else None
-                ),
-            )
+            expected[rule.fqn] = ("RowParallelLinear", dict(input_is_parallel=True, reduce_output=not scatter))
         elif rule.role == Role.ssm:
             scatter = rule.output == Output.residual
             expected[f"{rule.fqn}.in_proj"] = ("ColumnParallelLinear", dict(gather_output=False))
             expected[f"{rule.fqn}.out_proj"] = (
                 "RowParallelLinear",
-                dict(input_is_parallel=True, sequence_parallel_enabled=scatter),
+                dict(input_is_parallel=True, reduce_output=not scatter),
             )
-    expected["model.embed_tokens"] = ("ParallelEmbedding", dict(sequence_parallel_enabled=True, sequence_dimension=1))
-    expected["lm_head"] = (
-        "ColumnParallelLinear",
-        dict(gather_output=False, sequence_parallel_enabled=True, sequence_dimension=1),
-    )
+    # NxD's embedding reduce-scatters only along its sequence-first default dimension.
+    expected["model.embed_tokens"] = ("ParallelEmbedding", dict(sequence_parallel_enabled=True, sequence_dimension=0))
+    expected["lm_head"] = ("ColumnParallelLinear", dict(gather_output=False, sequence_parallel_enabled=False))
     # The inner SSM of the B layer feeds fading keys, so it is all-reduced; the M layer's returns to the residual.
-    assert expected["model.layers.0.mixer.ssm.out_proj"][1]["sequence_parallel_enabled"] is False
-    assert expected["model.layers.1.mixer.out_proj"][1]["sequence_parallel_enabled"] is True
+    assert expected["model.layers.0.mixer.ssm.out_proj"][1]["reduce_output"] is True
+    assert expected["model.layers.1.mixer.out_proj"][1]["reduce_output"] is False
     wrapped = {name for name, module in model.named_modules() if id(module) in by_module}
     assert wrapped == set(expected)
     layer_calls = [
@@ -204,7 +198,7 @@ def test_residual_branches_gather_the_sequence_without_summing_twice(sharded):
     loss, _ = wrapper.original_torch_module(tokens, tokens)
     assert loss.isfinite()
     gathers = fake.named("gather_from_sequence_parallel_region")
-    assert len(gathers) == 2 * reference.config.num_hidden_layers  # each block's mixer and MLP
+    assert len(gathers) == 2 * reference.config.num_hidden_layers + 1  # each block's mixer and MLP, the head
     assert all(g.kwargs == {"sequence_dimension": 1, "to_model_parallel": False} for g in gathers)
 
 
@@ -245,5 +239,6 @@ def test_checkpoint_records_the_layout_and_refuses_another(monkeypatch, tmp_path
     other.model = engine.model
     with pytest.raises(LayoutMismatchError, match="parallel.tensor_parallel_size=1"):
         other.load(folder)
-    with pytest.raises(LayoutMismatchError, match="neuronx-distributed's scripts/checkpoint_converter.py"):
-        full_model_state(folder)
+    merged = full_model_state(folder)
+    assert merged.keys() == reference.state_dict().keys()
+    assert all(torch.equal(merged[name], value) for name, value in reference.state_dict().items())

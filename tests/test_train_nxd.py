@@ -95,12 +95,16 @@ def test_trn1_recipe_trains_saves_and_resumes_through_nxd(fake, tmp_path):
     assert save.kwargs["optimizer"] is trainer.optimizer
     recorded = json.loads((checkpoint / "layout.json").read_text())
     assert recorded["engine"] == "nxd" and recorded["layout"]["tensor_parallel"] == 2
-    assert (checkpoint / "nxd" / "fake.pt").is_file() and (checkpoint / "trainer_state.pt").is_file()
+    assert (checkpoint / "nxd" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt").is_file()
+    assert (checkpoint / "trainer_state.pt").is_file()
 
     resumed = run(tmp_path, steps=3)
-    (load,) = fake.named("load_checkpoint")
-    assert (load.kwargs["path"], load.kwargs["tag"]) == (str(checkpoint), "nxd")
-    assert load.kwargs["optimizer"] is resumed.optimizer
+    # The weights before the optimizer: ZeRO-1 re-shards its master weights from the parameters on loading.
+    model_load, optimizer_load = fake.named("load_checkpoint")
+    for load in (model_load, optimizer_load):
+        assert (load.kwargs["path"], load.kwargs["tag"]) == (str(checkpoint), "nxd")
+    assert model_load.kwargs["model"] is resumed.engine.model and model_load.kwargs["optimizer"] is None
+    assert optimizer_load.kwargs["model"] is None and optimizer_load.kwargs["optimizer"] is resumed.optimizer
     assert resumed.step == 3 and resumed.scheduler.last_epoch == 3
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3]
     assert latest_checkpoint(tmp_path / "run" / CHECKPOINTS).name.endswith("00000003")

@@ -127,9 +127,12 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             shard_across_embedding=False,
             pad=False,
             sequence_parallel_enabled=False,
+            sequence_dimension=None,
             **kwargs,
         ):
             super().__init__()
+            # Like NxD's: only the sequence-first default reduce-scatters (and transposes to [T, B, D]).
+            self.sequence_first = sequence_parallel_enabled and not sequence_dimension
             fake.record(
                 "ParallelEmbedding",
                 self,
@@ -137,12 +140,14 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
                 embedding_dim=embedding_dim,
                 shard_across_embedding=shard_across_embedding,
                 sequence_parallel_enabled=sequence_parallel_enabled,
+                sequence_dimension=sequence_dimension,
                 **kwargs,
             )
             self.weight = nn.Parameter(torch.empty(num_embeddings // fake.tp_size, embedding_dim, dtype=dtype))
 
         def forward(self, ids):
-            return F.embedding(ids, self.weight)
+            out = F.embedding(ids, self.weight)
+            return out.transpose(0, 1) if self.sequence_first else out
 
     def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0):
         fake.record("parallel_cross_entropy", shape=tuple(vocab_parallel_logits.shape))
@@ -158,6 +163,10 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             sequence_dimension=sequence_dimension,
             to_model_parallel=to_model_parallel,
         )
+        return input_
+
+    def reduce_scatter_to_sequence_parallel_region(input_, sequence_dimension=0, process_group=None, dtype=None):
+        fake.record("reduce_scatter_to_sequence_parallel_region", sequence_dimension=sequence_dimension)
         return input_
 
     def copy_to_tensor_model_parallel_region(input_, process_group=None):
@@ -223,6 +232,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
 
         def __init__(self, optimizer, nxd_config):  # no Optimizer.__init__, as in NxD
             self.optimizer, self.nxd_config, self.grad_norm = optimizer, nxd_config, None
+            self.zero1_max_norm = None
 
         param_groups = property(lambda self: self.optimizer.param_groups)
         state = property(lambda self: self.optimizer.state)
@@ -241,12 +251,19 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             settings = self.nxd_config["optimizer_config"]
             if settings["grad_clipping"]:
                 params = [p for group in self.param_groups for p in group["params"]]
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"])
+                norm = settings["max_grad_norm"] if self.zero1_max_norm is None else self.zero1_max_norm
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(params, norm)
             return self.optimizer.step(closure)
 
     def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
         fake.record("initialize_parallel_optimizer", optimizer_class=optimizer_class, **defaults)
-        return NxDOptimizer(optimizer_class(parameters, **defaults), nxd_config)
+        optimizer = NxDOptimizer(None, nxd_config)
+        if nxd_config["optimizer_config"]["zero_one_enabled"]:
+            # As NxD builds NeuronZero1Optimizer: its keyword arguments reach it, and it clips at its max_norm
+            # (torch-xla's default 1.0), not at optimizer_config's max_grad_norm.
+            optimizer.zero1_max_norm = defaults.pop("max_norm", 1.0)
+        optimizer.optimizer = optimizer_class(parameters, **defaults)
+        return optimizer
 
     def save_checkpoint(
         checkpoint_dir_str,
@@ -271,21 +288,24 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             user_content=user_content,
             optimizer=optimizer,
         )
+        # NxD's file names (trainer/checkpoint.py _get_path): one model file per (tp, pp) rank.
+        rank_file = f"dp_rank_00_tp_rank_{fake.tp_rank:02d}_pp_rank_00.pt"
         folder = Path(checkpoint_dir_str) / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        saved = {"model": model.state_dict(), "user_content": user_content}
-        saved["optimizer"] = None if optimizer is None else optimizer.state_dict()
-        torch.save(saved, folder / "fake.pt")
+        for part, state in (("model", model.state_dict()), ("optim", optimizer and optimizer.state_dict())):
+            (folder / part).mkdir(parents=True, exist_ok=True)
+            torch.save(state, folder / part / rank_file)
+        torch.save(user_content, folder / "user_content.pt")
 
     def load_checkpoint(
         path, tag=None, model=None, optimizer=None, scheduler=None, num_workers=8, strict=True, use_zero1_dcp=False
     ):
-        fake.record("load_checkpoint", path=path, tag=tag, optimizer=optimizer)
-        saved = torch.load(Path(path) / tag / "fake.pt", weights_only=True)
-        model.load_state_dict(saved["model"])
+        fake.record("load_checkpoint", path=path, tag=tag, model=model, optimizer=optimizer)
+        folder, rank_file = Path(path) / tag, f"dp_rank_00_tp_rank_{fake.tp_rank:02d}_pp_rank_00.pt"
         if optimizer is not None:
-            optimizer.load_state_dict(saved["optimizer"])
-        return saved["user_content"]
+            optimizer.load_state_dict(torch.load(folder / "optim" / rank_file, weights_only=True))
+        if model is not None:
+            model.load_state_dict(torch.load(folder / "model" / rank_file, weights_only=True))
+        return torch.load(folder / "user_content.pt", weights_only=True)
 
     state = types.SimpleNamespace(
         get_tensor_model_parallel_rank=lambda: fake.tp_rank,
@@ -296,7 +316,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         is_global_rank_zero=lambda: True,
     )
     modules = {
-        "neuronx_distributed": dict(
+        "neuronx_distributed": {},
+        "neuronx_distributed.trainer": dict(
             neuronx_distributed_config=neuronx_distributed_config,
             initialize_parallel_model=initialize_parallel_model,
             initialize_parallel_optimizer=initialize_parallel_optimizer,
@@ -304,6 +325,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             load_checkpoint=load_checkpoint,
         ),
         "neuronx_distributed.parallel_layers": {},
+        "neuronx_distributed.parallel_layers.grads": {},
         "neuronx_distributed.parallel_layers.layers": dict(
             ColumnParallelLinear=ColumnParallelLinear,
             RowParallelLinear=RowParallelLinear,
@@ -312,6 +334,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         "neuronx_distributed.parallel_layers.loss_functions": dict(parallel_cross_entropy=parallel_cross_entropy),
         "neuronx_distributed.parallel_layers.mappings": dict(
             gather_from_sequence_parallel_region=gather_from_sequence_parallel_region,
+            reduce_scatter_to_sequence_parallel_region=reduce_scatter_to_sequence_parallel_region,
             copy_to_tensor_model_parallel_region=copy_to_tensor_model_parallel_region,
             reduce_from_tensor_model_parallel_region=reduce_from_tensor_model_parallel_region,
         ),
@@ -329,6 +352,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(sys.modules[parent], child, sys.modules[name])
+    # It binds parallel_cross_entropy at import: imported afresh, it binds this stand-in's.
+    monkeypatch.delitem(sys.modules, "bmojo.parallel.nxd_loss", raising=False)
     return fake
 
 

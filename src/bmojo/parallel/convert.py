@@ -1,11 +1,13 @@
-"""Rewrite a sharded checkpoint of the PyTorch engine for another tensor/pipeline-parallel split.
+"""Rewrite a sharded checkpoint for another tensor/pipeline-parallel split, or merge it whole.
 
     python -m bmojo.parallel.convert SOURCE TARGET --tensor-parallel N --pipeline-parallel M
 
 Works from ``layout.json`` alone (shard specs and the pipeline split are recorded there), so it needs neither the
 model code nor several processes. ``--tensor-parallel 1 --pipeline-parallel 1`` gives one file whose ``model``
-entry is a plain full state dict (``BmojoForCausalLM.load_state_dict`` takes it). Optimizer states are converted
-with their parameters; the data-parallel size is free at resume time anyway.
+entry is a plain full state dict (``BmojoForCausalLM.load_state_dict`` takes it). Checkpoints of the PyTorch
+engine have their optimizer states converted with their parameters; the data-parallel size is free at resume
+time anyway. Checkpoints of the NxD engine give their weights only: NxD's optimizer files hold ZeRO-1 shards of
+flattened parameters, which a new split cannot reuse.
 """
 
 from __future__ import annotations
@@ -18,6 +20,20 @@ import torch
 
 from bmojo.parallel.checkpoint import LAYOUT_FILE, LayoutMismatchError, shard_file
 from bmojo.parallel.plan import ShardSpec, split_units
+
+NXD_TAG = "nxd"  # the tag of NxD's own checkpoint inside a checkpoint folder of the NxD engine
+
+
+def nxd_model_file(folder: Path, tp_rank: int, pp_rank: int) -> Path:
+    """Where NxD's ``save_checkpoint`` writes the weights of a (tp, pp) rank (one copy, from data-parallel
+    rank 0): ``<tag>/model/dp_rank_00_tp_rank_XX_pp_rank_XX.pt``, a plain state dict of that rank's slices."""
+    return Path(folder) / NXD_TAG / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:02d}.pt"
+
+
+def _nxd_payload(folder: Path, tp_rank: int, pp_rank: int) -> dict:
+    state = torch.load(nxd_model_file(folder, tp_rank, pp_rank), weights_only=True)
+    # Activation checkpointing's wrapper may show in the names; the plan knows the model's own names.
+    return {"model": {name.replace("_checkpoint_wrapped_module.", ""): value for name, value in state.items()}}
 
 
 def _spec(recorded: dict, name: str) -> ShardSpec:
@@ -83,17 +99,20 @@ def _split(full: dict, recorded: dict, tensor_parallel: int, stage_of: dict[str,
     return payload
 
 
+def _torch_payload(folder: Path, tp_rank: int, pp_rank: int) -> dict:
+    return torch.load(shard_file(folder, tp_rank, pp_rank), weights_only=True)
+
+
 def _load(source: Path) -> tuple[dict, dict]:
     """The recorded layout of ``source`` and its tensors and optimizer states merged whole."""
-    recorded = json.loads((source / LAYOUT_FILE).read_text())
-    if recorded["engine"] == "nxd":
-        raise LayoutMismatchError(
-            f"{source} holds NxD's own per-rank checkpoint (under nxd/), which this converter does not read; merge "
-            "its tensor-parallel shards with neuronx-distributed's scripts/checkpoint_converter.py on a Neuron host"
-        )
+    path = source / LAYOUT_FILE
+    if not path.is_file():
+        raise LayoutMismatchError(f"{source} has no {LAYOUT_FILE}: it is not a sharded checkpoint of bmojo.parallel")
+    recorded = json.loads(path.read_text())
     old = recorded["layout"]
+    read = _nxd_payload if recorded["engine"] == "nxd" else _torch_payload
     payloads = {
-        (tp_rank, stage): torch.load(shard_file(source, tp_rank, stage), weights_only=True)
+        (tp_rank, stage): read(source, tp_rank, stage)
         for tp_rank in range(old["tensor_parallel"])
         for stage in range(old["pipeline_parallel"])
     }
@@ -120,7 +139,8 @@ def convert(source: Path, target: Path, tensor_parallel: int, pipeline_parallel:
             torch.save(payload, shard_file(target, tp_rank, stage))
     layout = {**old, "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel}
     layout["sequence_parallel"] = layout["sequence_parallel"] and tensor_parallel > 1
-    (target / LAYOUT_FILE).write_text(json.dumps({**recorded, "layout": layout}, indent=1))
+    # The files written are the PyTorch engine's, whichever engine wrote the source.
+    (target / LAYOUT_FILE).write_text(json.dumps({**recorded, "engine": "torch", "layout": layout}, indent=1))
     return target
 
 

@@ -9,7 +9,8 @@ SCHEDULES = ("1f1b", "gpipe")
 
 @dataclass(frozen=True)
 class Layout:
-    """Ranks form a ``[pp, dp, tp]`` grid, tensor parallelism innermost (NxD's order: TP stays inside a node).
+    """Ranks form a ``[pp, dp, tp]`` grid, tensor parallelism innermost (NxD's order: TP stays inside a node),
+    except for NxD's tensor-parallel size 4 on trn1 (:meth:`coordinates`).
 
     ``microbatches``: micro-batches per optimizer step (the pipeline's, or gradient accumulation without one).
     ``zero1``: shard optimizer states over data-parallel ranks but keep whole parameters between forward and
@@ -45,9 +46,19 @@ class Layout:
     def world_size(self) -> int:
         return self.data_parallel * self.tensor_parallel * self.pipeline_parallel
 
-    def coordinates(self, rank: int) -> tuple[int, int, int]:
-        """(pp, dp, tp) coordinates of global ``rank``."""
+    def coordinates(self, rank: int, trn1_node_size: int | None = None) -> tuple[int, int, int]:
+        """(pp, dp, tp) coordinates of global ``rank``.
+
+        ``trn1_node_size``: NeuronCores per node when the ranks are NxD's on trn1. There a tensor-parallel size
+        of 4 takes locally connected cores ``node_size / 4`` apart (``[0, 8, 16, 24]`` on a 32-core node) and
+        data-parallel ranks run across each node's groups (``parallel_state.initialize_model_parallel``).
+        """
         pp, rest = divmod(rank, self.data_parallel * self.tensor_parallel)
+        if trn1_node_size is not None and self.tensor_parallel == 4:
+            groups_per_node = trn1_node_size // self.tensor_parallel
+            node, local = divmod(rest, trn1_node_size)
+            tp, lane = divmod(local, groups_per_node)
+            return pp, node * groups_per_node + lane, tp
         dp, tp = divmod(rest, self.tensor_parallel)
         return pp, dp, tp
 

@@ -11,9 +11,12 @@ from exactly the weights a single process would.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
-from functools import partial
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +27,7 @@ from torch import nn
 from bmojo.config import BmojoConfig
 from bmojo.model.modeling import BmojoForCausalLM
 from bmojo.parallel.checkpoint import LAYOUT_FILE, LayoutMismatchError, describe_layout
+from bmojo.parallel.convert import NXD_TAG
 from bmojo.parallel.layout import Layout
 from bmojo.parallel.plan import Output, ParallelPlan, ShardSpec, bmojo_plan, check_plan_fits
 from bmojo.parallel.ssm_shard import localize_ssm_sizes, share_norm_groups
@@ -31,36 +35,56 @@ from bmojo.parallel.stage import CausalLMWithLoss
 from bmojo.parallel.tensor_parallel import divide_attributes, sum_shared_rows
 from bmojo.parallel.torch_engine import StepLosses
 
-NXD_TAG = "nxd"  # the tag of NxD's own checkpoint inside a checkpoint folder
 INSTALL_HINT = (
     "the NxD engine needs neuronx-distributed from the Neuron SDK 2.28 environment (torch-neuronx 2.9, "
     "neuronx-distributed 0.17; see launch/ and the Dockerfile); on CPU or GPU use backend.engine=torch"
 )
 
 
-def import_nxd() -> SimpleNamespace:
-    """The parts of ``neuronx_distributed`` the engine uses, imported now (they need torch-xla)."""
+class _RemovedHFTracer(torch.fx.Tracer):
+    """Registered as ``transformers.utils.fx.HFTracer`` where transformers (5 and later) no longer has it."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("transformers 5 removed HFTracer; the NxD engine traces with tracer_cls='torch'")
+
+
+def _register_removed_hf_tracer() -> None:
+    """NxD 0.17 imports ``transformers.utils.fx.HFTracer`` at module level (``pipeline/trace.py``, reached from
+    ``import neuronx_distributed``), and transformers 5 removed that module. The engine traces with NxD's torch
+    tracer, so a module whose ``HFTracer`` refuses to be built lets NxD import."""
+    if importlib.util.find_spec("transformers") is None or "transformers.utils.fx" in sys.modules:
+        return
+    if importlib.util.find_spec("transformers.utils.fx") is not None:
+        return
+    module = types.ModuleType("transformers.utils.fx")
+    module.HFTracer = _RemovedHFTracer
+    sys.modules["transformers.utils.fx"] = module
+
+
+def import_nxd_layers() -> SimpleNamespace:
+    """The parts of ``neuronx_distributed.parallel_layers`` the plan is applied with, imported now."""
+    _register_removed_hf_tracer()
     try:
-        import neuronx_distributed as nxd
-        from neuronx_distributed.parallel_layers import layers, loss_functions, mappings, parallel_state, utils
+        from neuronx_distributed.parallel_layers import grads, layers, mappings, parallel_state, utils
     except ImportError as error:
         raise ImportError(INSTALL_HINT) from error
-    return SimpleNamespace(
-        nxd=nxd, layers=layers, loss_functions=loss_functions, mappings=mappings, state=parallel_state, utils=utils
-    )
+    return SimpleNamespace(grads=grads, layers=layers, mappings=mappings, state=parallel_state, utils=utils)
 
 
-def nxd_lm_loss(logits: torch.Tensor, labels: torch.Tensor, parallel_cross_entropy) -> torch.Tensor:
-    """Mean next-token loss from vocab-parallel logits [B, T, V/tp] and unshifted labels [B, T] (-100 ignored).
+def import_nxd() -> SimpleNamespace:
+    """:func:`import_nxd_layers` and NxD's trainer API (``neuronx_distributed.trainer``; they need torch-xla)."""
+    api = import_nxd_layers()
+    try:
+        api.nxd = importlib.import_module("neuronx_distributed.trainer")
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return api
 
-    ``parallel_cross_entropy`` returns per-token losses, without reduction or ignore_index, and subtracts the
-    maximum from its input in place: the logits are cloned and the masking and averaging are done here.
-    """
-    shifted = logits[:, :-1].clone().float()
-    targets = labels[:, 1:]
-    per_token = parallel_cross_entropy(shifted, targets)
-    keep = (targets != -100).float()
-    return (per_token * keep).sum() / keep.sum().clamp(min=1.0)
+
+def gradient(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient NxD's optimizer will read: ``param.grad``, or ``param.main_grad`` where ZeRO-1's fp32
+    accumulation hooks moved it (they leave ``grad`` None after backward), as NxD's own gradient reads do."""
+    return param.grad if param.grad is not None else getattr(param, "main_grad", None)
 
 
 def _replace(root: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -71,6 +95,30 @@ def _replace(root: nn.Module, fqn: str, module: nn.Module) -> None:
 def _copy_slice(target: torch.Tensor, full: torch.Tensor, spec: ShardSpec, rank: int, size: int) -> None:
     with torch.no_grad():
         target.copy_(spec.local(full.detach(), rank, size))
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity forward; the backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_at_both_ends(layer: nn.Module) -> None:
+    """NxD's parallel linears flatten their 3-D input and output gradient with ``view`` in the backward, which
+    fails on the transposed views the SSM's convolution produces: both are made contiguous at the layer."""
+    layer.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    layer.register_forward_hook(lambda _module, _args, output: _ContiguousGradient.apply(output))
+
+
+def _batch_first(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """[T/tp, B, D] -> [B, T/tp, D]: the sequence-parallel embedding's output in the model's layout."""
+    return output.transpose(0, 1)
 
 
 class _PlanApplier:
@@ -90,6 +138,7 @@ class _PlanApplier:
             model.lm_head.weight = model.model.embed_tokens.weight
 
     def _linear_slices(self, fqn: str, source: nn.Linear, target: nn.Module, copy: bool = True) -> nn.Module:
+        _contiguous_at_both_ends(target)
         if not copy:
             return target
         _copy_slice(target.weight, source.weight, self.plan.spec(f"{fqn}.weight"), self.rank, self.size)
@@ -111,16 +160,24 @@ class _PlanApplier:
 
     def _row_layer(self, fqn: str, source: nn.Linear, output: Output) -> nn.Module:
         scatter = self.sequence_parallel and output == Output.residual
+        if scatter and source.bias is not None:
+            raise ValueError(f"{fqn}: a row-parallel layer that reduce-scatters its output cannot have a bias here")
+        # Under SP the partial sums are reduce-scattered along dim 1 after the layer (reduce_output=False) rather
+        # than inside it: the gathered gradient of NxD's reduce-scatter along dim 1 is a transposed view, which the
+        # layer's backward flattens with view (contiguous on XLA, not on the CPU).
         layer = self.api.layers.RowParallelLinear(
             source.in_features,
             source.out_features,
             bias=source.bias is not None,
             input_is_parallel=True,
             dtype=source.weight.dtype,
-            sequence_parallel_enabled=scatter,
-            sequence_dimension=1 if scatter else None,
+            reduce_output=not scatter,
         )
-        return self._linear_slices(fqn, source, layer)
+        layer = self._linear_slices(fqn, source, layer)
+        if scatter:
+            reduce_scatter = self.api.mappings.reduce_scatter_to_sequence_parallel_region
+            layer.register_forward_hook(lambda _module, _args, out: reduce_scatter(out, sequence_dimension=1))
+        return layer
 
     def _column(self, model: nn.Module, rule, module: nn.Linear) -> None:
         # Inside a residual branch, whose input is already whole (see _branch).
@@ -130,19 +187,27 @@ class _PlanApplier:
         _replace(model, rule.fqn, self._row_layer(rule.fqn, module, rule.output))
 
     def _vocab_embedding(self, model: nn.Module, rule, module: nn.Embedding) -> None:
+        # NxD's embedding reduce-scatters its partial lookups only along its default sequence dimension 0, after
+        # turning [B, T, D] into [T, B, D]; any other sequence_dimension returns this rank's partial lookup
+        # unreduced. So it runs sequence-first and its [T/tp, B, D] output is turned back into [B, T/tp, D].
         layer = self.api.layers.ParallelEmbedding(
             module.num_embeddings,
             module.embedding_dim,
             dtype=module.weight.dtype,
             sequence_parallel_enabled=self.sequence_parallel,
-            sequence_dimension=1 if self.sequence_parallel else None,
+            sequence_dimension=0 if self.sequence_parallel else None,
         )
         _copy_slice(layer.weight, module.weight, self.plan.spec(f"{rule.fqn}.weight"), self.rank, self.size)
+        if self.sequence_parallel:
+            layer.register_forward_hook(_batch_first)
         _replace(model, rule.fqn, layer)
 
     def _vocab_head(self, model: nn.Module, rule, module: nn.Linear) -> None:
-        # The final norm's output is sequence-sharded under SP: the head gathers it itself.
-        _replace(model, rule.fqn, self._column_layer(rule.fqn, module, sequence_parallel=self.sequence_parallel))
+        head = self._column_layer(rule.fqn, module, sequence_parallel=False)
+        # The final norm's output is sequence-sharded under SP: gathered before the head, as a branch's input is
+        # (NxD's own gather inside the head, along dim 1, hands its backward a transposed view it cannot flatten).
+        self._gather_sequence_before(head)
+        _replace(model, rule.fqn, head)
 
     def _sequence_norm(self, model: nn.Module, rule, module: nn.Module) -> None:
         if self.sequence_parallel:
@@ -151,13 +216,18 @@ class _PlanApplier:
                 param.sequence_parallel_enabled = True
 
     def _branch(self, model: nn.Module, rule, module: nn.Module) -> None:
+        self._gather_sequence_before(module)
+
+    def _gather_sequence_before(self, module: nn.Module) -> None:
+        """Under SP, ``module`` gets the whole sequence [B, T, D] of its sequence-sharded input [B, T/tp, D]."""
         if not self.sequence_parallel:
             return
         gather = self.api.mappings.gather_from_sequence_parallel_region
 
         def whole_sequence(_module: nn.Module, args: tuple) -> tuple:
             # to_model_parallel=False: the column layers inside already sum the input gradient over ranks.
-            return (gather(args[0], sequence_dimension=1, to_model_parallel=False), *args[1:])
+            whole = gather(args[0], sequence_dimension=1, to_model_parallel=False)
+            return (whole.contiguous(), *args[1:])
 
         module.register_forward_pre_hook(whole_sequence)
 
@@ -193,6 +263,26 @@ class _PlanApplier:
 
         share_norm_groups(module, module.num_groups, self.rank, self.size, sum_over_ranks)
         localize_ssm_sizes(module, self.size)
+
+
+def build_parallel_model(
+    api: SimpleNamespace,
+    plan: ParallelPlan,
+    config: BmojoConfig,
+    weights: dict[str, torch.Tensor] | None,
+    sequence_parallel: bool,
+) -> CausalLMWithLoss:
+    """This rank's model: ``plan`` applied with NxD's layers (``api``: :func:`import_nxd_layers`) to a model of
+    ``config`` holding ``weights`` (a full state dict; None: the config's initialisation), with the
+    vocab-parallel loss. NxD's tensor-parallel groups must be initialised. forward(input_ids [B, T], labels
+    [B, T]) -> (loss, weighted auxiliary loss), both scalars."""
+    from bmojo.parallel.nxd_loss import VocabParallelLMLoss
+
+    model = BmojoForCausalLM(config)
+    if weights is not None:
+        model.load_state_dict(weights)
+    _PlanApplier(api, plan, sequence_parallel).apply(model)
+    return CausalLMWithLoss(model, plan, VocabParallelLMLoss())
 
 
 class NxDEngine:
@@ -254,11 +344,10 @@ class NxDEngine:
             tensor_parallel_size=layout.tensor_parallel,
             pipeline_parallel_size=layout.pipeline_parallel,
             pipeline_config=self._pipeline_config(self.plan) if layout.pipeline_parallel > 1 else None,
-            # Clipping at infinity when none is asked for still gives the optimizer's grad_norm.
             optimizer_config={
                 "zero_one_enabled": layout.zero1,
                 "grad_clipping": True,
-                "max_grad_norm": math.inf if self.max_grad_norm is None else self.max_grad_norm,
+                "max_grad_norm": self._clip_norm,
             },
             activation_checkpoint_config=self.plan.unit_class if layout.activation_checkpointing else None,
             sequence_parallel=layout.sequence_parallel,
@@ -267,16 +356,20 @@ class NxDEngine:
         return self.model
 
     def _model_fn(self, config: BmojoConfig, weights: dict[str, torch.Tensor] | None) -> CausalLMWithLoss:
-        model = BmojoForCausalLM(config)
-        if weights is not None:
-            model.load_state_dict(weights)
-        _PlanApplier(self.api, self.plan, self.layout.sequence_parallel).apply(model)
-        loss = partial(nxd_lm_loss, parallel_cross_entropy=self.api.loss_functions.parallel_cross_entropy)
-        return CausalLMWithLoss(model, self.plan, loss)
+        return build_parallel_model(self.api, self.plan, config, weights, self.layout.sequence_parallel)
 
     def build_optimizer(self, optimizer_class: type[torch.optim.Optimizer], param_groups, **defaults):
         """``NxDOptimizer``: ZeRO-1 when the layout asks, gradient clipping at ``max_grad_norm``."""
+        if self.layout.zero1:
+            # NxD hands the ZeRO-1 optimizer its own settings but not optimizer_config's max_grad_norm, so it
+            # would clip at torch-xla's default of 1; its keyword arguments reach the ZeRO-1 optimizer.
+            defaults = {**defaults, "max_norm": self._clip_norm}
         return self.api.nxd.initialize_parallel_optimizer(self.nxd_config, optimizer_class, param_groups, **defaults)
+
+    @property
+    def _clip_norm(self) -> float:
+        """Clipping at infinity when none is asked for still gives the optimizer's grad_norm."""
+        return math.inf if self.max_grad_norm is None else self.max_grad_norm
 
     def named_parameters(self):
         """This rank's parameters, as NxD's model reports them."""
@@ -339,28 +432,18 @@ class NxDEngine:
         """A device bool: the step's losses and every rank's gradients are finite, agreed by every rank.
 
         Computed in the step's graph, so a step can drop its update without a host read: zero the gradients
-        where it is False before ``optimizer.step()`` (NxD reduces and clips them inside the step).
+        (:func:`gradient`) where it is False before ``optimizer.step()`` (NxD reduces and clips them there).
         """
         checks = [torch.isfinite(losses.lm_loss + losses.aux_loss)]
-        checks += [torch.isfinite(p.grad).all() for _, p in self.named_parameters() if p.grad is not None]
+        grads = [gradient(p) for _, p in self.named_parameters()]
+        checks += [torch.isfinite(grad).all() for grad in grads if grad is not None]
         bad = (~torch.stack(checks).all()).float()
         dist.all_reduce(bad)
         return bad == 0
 
     def _sum_partial_gradients(self) -> None:
-        """Sum over tensor-parallel ranks the gradients each rank computed only for its own heads: replicated
-        ``partial_grad`` parameters and B/C rows shared by several ranks."""
-        if self.layout.tensor_parallel == 1:
-            return
-        group, size = self.api.state.get_tensor_model_parallel_group(), self.layout.tensor_parallel
-        rank = self.api.state.get_tensor_model_parallel_rank()
-        for name, param in self.model.named_parameters():
-            if param.grad is None:
-                continue
-            spec = self.plan.spec(_model_name(name))
-            if spec.partial_grad:
-                dist.all_reduce(param.grad, group=group)
-            sum_shared_rows(param.grad, spec, rank, size, group)
+        if self.layout.tensor_parallel > 1:
+            sum_partial_gradients(self.api, self.plan, self.model)
 
     def save(self, folder: Path, optimizer=None) -> None:
         """Write checkpoint ``folder`` (collective): NxD's checkpoint under the tag ``nxd`` (per-rank files, ZeRO-1
@@ -385,12 +468,32 @@ class NxDEngine:
         saved = {k: recorded["layout"][k] for k in ("tensor_parallel", "pipeline_parallel")}
         if saved != self.layout.sharding():
             raise LayoutMismatchError(
-                f"{folder} was written with {saved} but this run uses {self.layout.sharding()}. NxD checkpoints "
-                "hold NxD's own per-rank files and ZeRO-1 shards, which no converter here rewrites: resume with "
+                f"{folder} was written with {saved} but this run uses {self.layout.sharding()}. Its optimizer "
+                "states are NxD's ZeRO-1 shards, which no converter rewrites: resume with "
                 f"parallel.tensor_parallel_size={saved['tensor_parallel']} "
-                f"parallel.pipeline_parallel_size={saved['pipeline_parallel']}"
+                f"parallel.pipeline_parallel_size={saved['pipeline_parallel']}, or start a new run from its "
+                f"weights with trainer.init_from={folder}"
             )
-        self.api.nxd.load_checkpoint(str(folder), tag=NXD_TAG, model=self.model, optimizer=optimizer)
+        # The model first: NxD loads the optimizer before the model, and ZeRO-1's load_state_dict re-shards its
+        # master weights from the parameters as they are then, which a later step would write back.
+        self.api.nxd.load_checkpoint(str(folder), tag=NXD_TAG, model=self.model)
+        if optimizer is not None:
+            self.api.nxd.load_checkpoint(str(folder), tag=NXD_TAG, optimizer=optimizer)
+
+
+def sum_partial_gradients(api: SimpleNamespace, plan: ParallelPlan, model: nn.Module) -> None:
+    """Sum over tensor-parallel ranks the gradients each rank computed only for its own heads: replicated
+    ``partial_grad`` parameters and B/C rows shared by several ranks (``api``: :func:`import_nxd_layers`)."""
+    group = api.state.get_tensor_model_parallel_group()
+    rank, size = api.state.get_tensor_model_parallel_rank(), api.state.get_tensor_model_parallel_size()
+    for name, param in model.named_parameters():
+        grad = gradient(param)
+        if grad is None:
+            continue
+        spec = plan.spec(_model_name(name))
+        if spec.partial_grad:
+            dist.all_reduce(grad, group=group)
+        sum_shared_rows(grad, spec, rank, size, group)
 
 
 def _model_name(name: str) -> str:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from bmojo import BmojoForCausalLM
 from bmojo.data import PackedData
+from bmojo.parallel.nxd_engine import gradient
 from bmojo.train.config import Precision
 from bmojo.train.distributed import ParallelTrainer
 from bmojo.train.trainer import TrainSummary
@@ -57,9 +58,10 @@ class NxDTrainer(XlaTrainer, ParallelTrainer):
         losses = self.engine.train_step(step_blocks, self._labels(step_blocks))
         finite = self.engine.finite(losses)
         for _, parameter in self.engine.named_parameters():
-            if parameter.grad is not None:
+            grad = gradient(parameter)
+            if grad is not None:
                 # As on one XLA device: a non-finite step updates from zero gradients, decided on the device.
-                parameter.grad.masked_fill_(~finite, 0.0)
+                grad.masked_fill_(~finite, 0.0)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()  # NxD's: reduces over data-parallel ranks, clips, keeps the norm before clipping
         grad_norm = self.optimizer.grad_norm
