@@ -88,8 +88,9 @@ class NxDTrainer(XlaTrainer, ParallelTrainer):
         if cfg.export_at_end or cfg.sample_tokens > 0:
             if self.is_main:
                 logger.warning(
-                    "no export or sample at the end: the checkpoints hold NxD's own per-rank files, which bmojo does "
-                    "not merge (set trainer.export_at_end=false trainer.sample_tokens=0 to silence this)"
+                    "no export or sample at the end: the checkpoints hold NxD's own per-rank files; merge one with "
+                    "python -m bmojo.parallel.convert (set trainer.export_at_end=false trainer.sample_tokens=0 to "
+                    "silence this)"
                 )
             cfg = dataclasses.replace(cfg, export_at_end=False, sample_tokens=0)
         return super()._loop(cfg)
