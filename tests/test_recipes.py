@@ -13,6 +13,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from bmojo import BmojoConfig
 from bmojo.data import byte_tokenizer
+from bmojo.ops.registry import default_backend
 from bmojo.parallel.setup import layout_from_config
 from bmojo.train import DeviceError, build_model, recipes_dir, train
 from bmojo.train.config import ModelConfig
@@ -53,7 +54,8 @@ def test_family_members_of_one_size_have_comparable_language_model_parameter_cou
         assert (auxiliary > 0) == (member == "B")
         if member == "B":
             rank = model.config.innovation_rank
-            assert rank is not None and auxiliary == 2 * rank * model.config.hidden_size * model.config.num_hidden_layers
+            config = model.config
+            assert rank is not None and auxiliary == 2 * rank * config.hidden_size * config.num_hidden_layers
 
 
 @pytest.mark.parametrize(
@@ -99,8 +101,10 @@ def test_typos_and_wrong_types_fail_at_composition(compose_recipe, override, mes
 
 
 def test_trn1_backend_fails_clearly_without_the_neuron_stack(tiny_config):
+    before = default_backend()
     with pytest.raises(DeviceError, match="torch-xla"):
         train(tiny_config("backend=trn1"))
+    assert default_backend() == before  # the failed start-up left the process-wide kernel backend alone
 
 
 @pytest.mark.parametrize("preset", options("parallel"))

@@ -23,10 +23,18 @@ class DeviceError(RuntimeError):
 
 def select_device(backend: BackendConfig) -> torch.device:
     """The device ``backend.device`` names, after setting the kernel backend and thread count (and, on the CPU,
-    the host allocator: ``backend.keep_host_memory``)."""
+    the host allocator: ``backend.keep_host_memory``). The kernel backend is process-wide, so it is set only once
+    the device is known to be usable: a start-up that fails leaves it as it was."""
+    device = _resolve_device(backend)
     set_default_backend(backend.kernels.value)
     if backend.num_threads is not None:
         torch.set_num_threads(backend.num_threads)
+    if device.type == "cpu" and backend.keep_host_memory:
+        keep_freed_host_memory()
+    return device
+
+
+def _resolve_device(backend: BackendConfig) -> torch.device:
     if backend.device == Device.xla:
         from bmojo.train.xla import xla_device  # torch-xla is imported only when asked for
 
@@ -35,8 +43,6 @@ def select_device(backend: BackendConfig) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError("backend.device=cuda but no CUDA device is visible; use backend=cpu")
         return torch.device("cuda")
-    if backend.keep_host_memory:
-        keep_freed_host_memory()
     return torch.device("cpu")
 
 
