@@ -7,6 +7,9 @@ each submodule is imported as the tests need it. The compiled modules NxD import
 by the stand-ins below, each naming what it stands in for; none of them is called on NxD's CPU path
 (``NXD_CPU_MODE=1``: gloo groups, collectives on CPU tensors). NxD's own Python is never replaced.
 
+In the XLA lane (torch-xla on its CPU device) :func:`load` with ``cpu_mode=False`` runs NxD's XLA path instead:
+its collectives are torch-xla's, and its trainer (``neuronx_distributed.trainer``) imports, since torch-xla is real.
+
 Without ``BMOJO_NXD_SOURCE`` the installed package is used (a Neuron host); without either the tests skip, or
 fail where ``BMOJO_REQUIRE_REFERENCES=1`` (CI).
 """
@@ -104,6 +107,16 @@ def _install_torch_xla_stand_in() -> None:
     _module("torch_xla.utils.serialization")
 
 
+def _install_xrt_host_world_size() -> None:
+    """NxD's ``get_local_world_size`` takes its PJRT branch only for ``PJRT_DEVICE=NEURON``; on torch-xla's CPU
+    device it falls back to the XRT runtime's ``xla_env_vars.HOST_WORLD_SIZE``, which torch-xla 2.9 removed. This
+    stands in for that XRT variable: one host, so NxD counts every process of the world as local."""
+    env_vars = importlib.import_module("torch_xla.core.xla_env_vars")
+    if not hasattr(env_vars, "HOST_WORLD_SIZE"):
+        env_vars.HOST_WORLD_SIZE = "HOST_WORLD_SIZE"
+    os.environ.setdefault("HOST_WORLD_SIZE", "1")
+
+
 def source_folder() -> Path | None:
     value = os.environ.get(SOURCE_VARIABLE)
     return Path(value).resolve() if value else None
@@ -122,9 +135,12 @@ def require() -> None:
     pytest.skip(MISSING)
 
 
-def load() -> types.ModuleType:
-    """The ``neuronx_distributed`` package (its submodules import on demand). Sets ``NXD_CPU_MODE=1``."""
-    os.environ["NXD_CPU_MODE"] = "1"
+def load(cpu_mode: bool = True) -> types.ModuleType:
+    """The ``neuronx_distributed`` package (its submodules import on demand). ``cpu_mode``: NxD's CPU mode
+    (``NXD_CPU_MODE=1``: gloo groups, collectives on CPU tensors); else its XLA path, on torch-xla's device."""
+    os.environ["NXD_CPU_MODE"] = "1" if cpu_mode else "0"
+    if not cpu_mode and os.environ.get("PJRT_DEVICE") != "NEURON":
+        _install_xrt_host_world_size()
     source = source_folder()
     if source is None:
         return importlib.import_module("neuronx_distributed")
