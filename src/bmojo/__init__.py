@@ -1,7 +1,8 @@
 """bmojo: B'MOJO hybrid state-space models (eidetic + fading memory), trained on Trainium or PyTorch.
 
 Importing the package registers ``model_type="bmojo"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM``, so exported folders load with plain ``transformers`` calls.
+``AutoModelForCausalLM``, so exported folders load with plain ``transformers`` calls. Processes that never
+import it load them with ``trust_remote_code=True`` through the modules an export carries (``bmojo.remote``).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

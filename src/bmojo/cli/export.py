@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="bmojo-export",
         description="Export a run's latest checkpoint (or a given checkpoint) to a folder that "
-        "transformers' AutoModelForCausalLM.from_pretrained loads after `import bmojo`.",
+        "transformers' AutoModelForCausalLM.from_pretrained loads after `import bmojo`, or in any process with "
+        "trust_remote_code=True (the folder carries the small modules its config's auto_map names).",
     )
     parser.add_argument("source", help="a run folder, its checkpoints/ folder, or one checkpoint folder")
     parser.add_argument("out_dir", help="the folder to write (replaced if it exists)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,21 +10,36 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from bmojo.remote import AUTO_MAP, REMOTE_CODE_FILES, REMOTE_CODE_FOLDER
+
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Write ``save_pretrained`` weights (safetensors), config and tokenizer; ``out_dir`` is replaced whole.
 
-    The folder loads with ``AutoModelForCausalLM.from_pretrained`` once ``bmojo`` is imported.
+    The folder loads with ``AutoModelForCausalLM.from_pretrained`` once ``bmojo`` is imported, and in any
+    process with ``trust_remote_code=True``: config.json carries ``auto_map`` and the folder the small modules
+    it names (``bmojo.remote``), which take the classes from the installed ``bmojo``.
     """
     out_dir = Path(out_dir)
     temporary = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(str(temporary), safe_serialization=True)
     tokenizer.save_pretrained(str(temporary))
+    add_remote_code(temporary)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)
     return out_dir
+
+
+def add_remote_code(folder: Path) -> None:
+    """Copy the remote-code modules into a saved model ``folder`` and point its config.json's ``auto_map`` at them."""
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_FOLDER / name, folder / name)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = AUTO_MAP
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
