@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent / "parallel"))
 
 import real_nxd  # noqa: E402
 
-from bmojo import BmojoConfig  # noqa: E402
-from bmojo.parallel import Layout  # noqa: E402
+from bmojo import BmojoConfig, BmojoForCausalLM  # noqa: E402
+from bmojo.parallel import Layout, bmojo_plan  # noqa: E402
 from bmojo.train import recipes_dir, register_configs  # noqa: E402
 from bmojo.train import xla as xla_module  # noqa: E402
 from bmojo.train.metrics import read_metrics  # noqa: E402
@@ -186,3 +186,47 @@ def test_save_resume_and_more_steps_equal_an_uninterrupted_run(xla_world, tmp_pa
     weights = dict(straight.engine.named_parameters())
     for name, param in resumed.engine.named_parameters():
         assert torch.allclose(param.detach().cpu(), weights[name].detach().cpu(), atol=1e-6), name
+
+
+def test_nxds_pipeline_tracer_keeps_the_blocks_and_parallel_cross_entropy_whole(xla_world):
+    # NxD's tracer wraps parallel_cross_entropy as one graph node only where the traced forward reads it as a
+    # global name: this fails where the loss binds it anywhere else (an attribute, a functools.partial), since
+    # the tracer then traces into it, collectives and in-place updates included.
+    from bmojo.model.modeling import BmojoBlock
+    from bmojo.parallel.nxd_engine import NxDEngine, build_parallel_model
+
+    config = BmojoConfig(**{**CONFIG, "num_hidden_layers": 2, "layer_pattern": "MW"})
+    # The engine imports NxD (and registers the HFTracer placeholder pipeline/trace.py imports).
+    engine = NxDEngine(Layout(tensor_parallel=1, pipeline_parallel=2, microbatches=2))
+    from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
+    from neuronx_distributed.pipeline.trace import trace_model
+
+    with torch.device("meta"):
+        plan = bmojo_plan(BmojoForCausalLM(config))
+    settings = engine._pipeline_config(plan)
+    if not engine.api.state.model_parallel_is_initialized():
+        engine.api.state.initialize_model_parallel(tensor_model_parallel_size=1)
+    model = build_parallel_model(engine.api, plan, config, None, sequence_parallel=False)
+    # What NxDPPModel.trace hands trace_model: the configured leaf modules and the pipeline unit.
+    traced = trace_model(
+        model,
+        input_names=settings["input_names"],
+        tracer_cls=settings["tracer_cls"],
+        leaf_modules=[*settings["leaf_module_cls"], settings["transformer_layer_cls"].__name__],
+    )
+    assert settings["transformer_layer_cls"] is BmojoBlock
+    blocks = [name for name, module in model.named_modules() if isinstance(module, BmojoBlock)]
+    assert len(blocks) == 2
+    called = [node.target for node in traced.graph.nodes if node.op == "call_module"]
+    assert [name for name in called if name in blocks] == blocks  # each block one node, not traced into
+    assert not any(name.startswith(f"{block}.") for name in called for block in blocks)
+    calls = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    assert calls.count(parallel_cross_entropy) == 1
+    # The traced model computes what the model does.
+    device = xla_module.xla_device()
+    model.to(device)
+    traced.to(device)
+    tokens = _step_tokens(1)[0].to(device)
+    expected, actual = model(tokens, tokens), traced(tokens, tokens)
+    for want, got in zip(expected, actual, strict=True):
+        assert float(got) == pytest.approx(float(want), abs=1e-6)
