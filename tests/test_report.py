@@ -132,3 +132,16 @@ def test_breakdown_and_gpu_runs_are_described(results, tmp_path):
     assert "| bound B/W | 0.72 |" in markdown and "| attention B | 130.0 |" in markdown
     assert "1 CPU thread." in markdown and "on NVIDIA H100 80GB HBM3, forward under bf16 autocast" in markdown
     assert (tmp_path / "out" / "breakdown.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_geometry_section_lists_each_member_at_each_geometry(tmp_path):
+    rows = [
+        {"member": m, "seq_len": t, "window": w, "tokens_per_s": tps, "vs_first": ratio}
+        for m, t, w, tps, ratio in [("F", 2048, 2048, 1000.0, 1.0), ("F", 2048, 512, 1200.0, 1.2)]
+    ]
+    report = {"bench": "geometry", "tokens_per_step": 8192, "threads": 1, "results": rows}
+    report["model"] = {"hidden_size": 128, "num_hidden_layers": 2, "memory_size": 256}
+    markdown = build_report([write(tmp_path / "geometry.json", report)], tmp_path / "out").read_text()
+    assert "## Pretraining geometry" in markdown
+    assert "| B'MOJO-F (F) | 2048 | 512 | 1,200 | 1.20 |" in markdown
+    assert (tmp_path / "out" / "geometry.png").read_bytes().startswith(PNG_SIGNATURE)

@@ -157,8 +157,7 @@ def throughput_section(report: dict, figure: Path) -> str:
             row = result["members"][member]
             ratios = [f"{row[key]:.2f}" if key in row else "-" for key in ("vs_A", "vs_W")]
             rows.append(
-                [str(result["seq_len"]), _name(member), *_parameters(row), f"{row['tokens_per_s']:,.0f}"]
-                + ratios
+                [str(result["seq_len"]), _name(member), *_parameters(row), f"{row['tokens_per_s']:,.0f}"] + ratios
             )
             series.setdefault(member, []).append((result["seq_len"], row["tokens_per_s"]))
     fig, axis = plt.subplots(figsize=(6, 4))
@@ -247,12 +246,39 @@ def breakdown_section(report: dict, figure: Path) -> str:
     return f"{described}\n\n" + _table(["", "ms"], rows)
 
 
+def geometry_section(report: dict, figure: Path) -> str:
+    """Tokens/s of each member at each (sequence, window) pair, relative to the member's first pair."""
+    rows, series = [], {}
+    for row in report["results"]:
+        label = f"T={row['seq_len']} w={row['window']}"
+        rows.append([_name(row["member"]), str(row["seq_len"]), str(row["window"]), f"{row['tokens_per_s']:,.0f}"]
+                    + [f"{row['vs_first']:.2f}"])  # fmt: skip
+        series.setdefault(label, []).append((row["member"], row["tokens_per_s"]))
+    fig, axis = plt.subplots(figsize=(6, 4))
+    width = 0.8 / len(series)
+    for index, (label, points) in enumerate(series.items()):
+        axis.bar([i + index * width for i in range(len(points))], [tokens for _, tokens in points], width, label=label)
+    members = [member for member, _ in next(iter(series.values()))]
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(members))], members)
+    axis.set(ylabel="training tokens/s", title="pretraining geometry: sequence length T, window w")
+    axis.legend(fontsize=8)
+    _save(fig, figure)
+    model = report["model"]
+    described = (
+        f"{report['tokens_per_step']} tokens a step, hidden {model['hidden_size']}, {model['num_hidden_layers']} "
+        f"layers, memory {model['memory_size']}; {_where(report)}. `vs first`: tokens/s against the member's first "
+        "geometry in the same run (A ignores the window, so its ratio shows the run's noise)."
+    )
+    return f"{described}\n\n" + _table(["member", "T", "window", "tokens/s", "vs first"], rows)
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict, Path], str]]] = {
     "mqar": ("Multi-query associative recall", mqar_section),
     "extrapolation": ("Length extrapolation", extrapolation_section),
     "throughput": ("Training throughput", throughput_section),
     "decode": ("Decoding", decode_section),
     "breakdown": ("Where B'MOJO's training step differs from sliding window's", breakdown_section),
+    "geometry": ("Pretraining geometry", geometry_section),
 }
 
 
