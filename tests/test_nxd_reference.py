@@ -2,7 +2,8 @@
 
 The source comes from ``BMOJO_NXD_SOURCE`` (CI: the NxD 0.17 source beside the checkout) or the installed
 package; without either these tests skip, and under ``BMOJO_REQUIRE_REFERENCES=1`` they fail. Stand-ins for
-the compiled Neuron modules NxD imports are in ``tests/parallel/real_nxd.py``.
+the compiled Neuron modules NxD imports are in ``tests/parallel/real_nxd.py``. What needs an XLA device (NxD's
+trainer API, ZeRO-1, checkpoints, the pipeline tracer) runs in the XLA lane, ``tests/test_xla_nxd.py``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent / "parallel"))
 
-import fake_nxd  # noqa: E402
 import harness  # noqa: E402
 import nxd_scenarios  # noqa: E402
 import real_nxd  # noqa: E402
 
-from bmojo import BmojoConfig  # noqa: E402
 from bmojo.parallel import Layout  # noqa: E402
 from bmojo.parallel.convert import full_model_state  # noqa: E402
-from bmojo.parallel.nxd_engine import NxDEngine  # noqa: E402
 
 
 @pytest.fixture
@@ -68,47 +66,3 @@ def test_layout_coordinates_are_nxds_on_trn1(nxd, monkeypatch, tensor_parallel):
         assert [group.index(rank) for group in groups.tp_groups if rank in group] == [tp], rank
         assert [group.index(rank) for group in groups.dp_groups if rank in group] == [dp], rank
         assert [group.index(rank) for group in groups.pp_groups if rank in group] == [pp], rank
-
-
-CONFIG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    layer_pattern="M",
-    ssm_state_size=8,
-    ssm_head_dim=8,
-    ssm_chunk_size=16,
-    tie_word_embeddings=False,
-)
-
-
-@pytest.fixture
-def one_process(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_gradients_moved_to_main_grad_are_checked(monkeypatch, one_process):
-    """ZeRO-1's fp32 accumulation hooks leave ``grad`` None and the gradient in ``main_grad``."""
-    fake_nxd.install(monkeypatch)
-    engine = NxDEngine(Layout(zero1=True))
-    engine.build(BmojoConfig(**CONFIG))
-    losses = engine.train_step(torch.randint(0, 64, (1, 2, 16), generator=torch.Generator().manual_seed(0)))
-    params = [p for _, p in engine.named_parameters()]
-    for param in params:
-        param.main_grad, param.grad = param.grad, None
-    assert bool(engine.finite(losses))
-    params[0].main_grad.view(-1)[0] = float("nan")
-    assert not bool(engine.finite(losses))
-
-
-def test_zero1_optimizer_clips_at_max_grad_norm(monkeypatch):
-    fake = fake_nxd.install(monkeypatch)
-    engine = NxDEngine(Layout(zero1=True), max_grad_norm=0.25)
-    engine.build(BmojoConfig(**CONFIG))
-    optimizer = engine.build_optimizer(torch.optim.SGD, [p for _, p in engine.named_parameters()], lr=0.0)
-    (call,) = fake.named("initialize_parallel_optimizer")
-    assert call.kwargs["max_norm"] == 0.25
-    assert optimizer.zero1_max_norm == 0.25

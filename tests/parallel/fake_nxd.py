@@ -1,5 +1,10 @@
 """A recording stand-in for ``neuronx_distributed``: the API surface the NxD engine calls, with real signatures.
 
+It serves the main lane's tests of what the engine asks of NxD (arguments, call order, the trainer loop over
+several processes at TP=2) without torch-xla; each function names the NxD function it mirrors. What NxD really
+does is tested on its real source: the layers at TP=2 in its CPU mode (``tests/test_nxd_reference.py``), its
+trainer API, ZeRO-1, checkpoints and pipeline tracer on torch-xla's CPU device (``tests/test_xla_nxd.py``).
+
 Parallel layers allocate this rank's slice shapes and record their arguments; with a tensor-parallel size of 1
 they compute what NxD computes (no collectives are needed), so a model built through the stand-in can be run.
 ``parallel_cross_entropy`` subtracts the maximum in place like NxD's, to catch callers that do not clone.
@@ -44,6 +49,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
     fake = FakeNxD(tp_rank, tp_size)
 
     class ColumnParallelLinear(nn.Module):
+        """Mirrors ``neuronx_distributed.parallel_layers.layers.ColumnParallelLinear``."""
+
         def __init__(
             self,
             input_size,
@@ -77,6 +84,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             return F.linear(x, self.weight, self.bias)
 
     class RowParallelLinear(nn.Module):
+        """Mirrors ``neuronx_distributed.parallel_layers.layers.RowParallelLinear``."""
+
         def __init__(
             self,
             input_size,
@@ -112,6 +121,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             return F.linear(x, self.weight, self.bias)
 
     class ParallelEmbedding(nn.Module):
+        """Mirrors ``neuronx_distributed.parallel_layers.layers.ParallelEmbedding``."""
+
         def __init__(
             self,
             num_embeddings,
@@ -150,6 +161,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             return out.transpose(0, 1) if self.sequence_first else out
 
     def parallel_cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0):
+        """Mirrors ``neuronx_distributed.parallel_layers.loss_functions.parallel_cross_entropy``."""
         fake.record("parallel_cross_entropy", shape=tuple(vocab_parallel_logits.shape))
         vocab_parallel_logits.sub_(vocab_parallel_logits.max(dim=-1, keepdim=True).values.detach())
         flat = F.cross_entropy(vocab_parallel_logits.flatten(0, -2), target.flatten().clamp(min=0), reduction="none")
@@ -158,6 +170,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
     def gather_from_sequence_parallel_region(
         input_, sequence_dimension=0, to_model_parallel=True, process_group=None, tile_cc=False
     ):
+        """Mirrors ``neuronx_distributed.parallel_layers.mappings.gather_from_sequence_parallel_region``."""
         fake.record(
             "gather_from_sequence_parallel_region",
             sequence_dimension=sequence_dimension,
@@ -166,22 +179,29 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         return input_
 
     def reduce_scatter_to_sequence_parallel_region(input_, sequence_dimension=0, process_group=None, dtype=None):
+        """Mirrors ``neuronx_distributed.parallel_layers.mappings.reduce_scatter_to_sequence_parallel_region``."""
         fake.record("reduce_scatter_to_sequence_parallel_region", sequence_dimension=sequence_dimension)
         return input_
 
     def copy_to_tensor_model_parallel_region(input_, process_group=None):
+        """Mirrors ``neuronx_distributed.parallel_layers.mappings.copy_to_tensor_model_parallel_region``."""
         fake.record("copy_to_tensor_model_parallel_region")
         return input_
 
     def reduce_from_tensor_model_parallel_region(input_, process_group=None):
+        """Mirrors ``neuronx_distributed.parallel_layers.mappings.reduce_from_tensor_model_parallel_region``."""
         fake.record("reduce_from_tensor_model_parallel_region")
         return input_
 
     def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride, num_partitions=-1, rank_ordering=None):
+        """Mirrors ``neuronx_distributed.parallel_layers.utils.set_tensor_model_parallel_attributes``."""
         fake.record("set_tensor_model_parallel_attributes", tensor, is_parallel=is_parallel, dim=dim, stride=stride)
         tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = is_parallel, dim, stride
 
     class NxDPPModel(nn.Module):
+        """Mirrors ``neuronx_distributed.pipeline.NxDPPModel``; only records its arguments (its runtime needs
+        several XLA devices)."""
+
         def __init__(self, module, transformer_layer_cls=None, num_microbatches=1, **kwargs):
             super().__init__()
             fake.record(
@@ -209,6 +229,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         sequential_move_factor=11,
         lnc_size=1,
     ):
+        """Mirrors ``neuronx_distributed.trainer.neuronx_distributed_config``."""
         config = dict(
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
@@ -221,6 +242,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         return config
 
     def initialize_parallel_model(nxd_config, model_fn, include_buffers=False, *model_args, **model_kwargs):
+        """Mirrors ``neuronx_distributed.trainer.initialize_parallel_model, without its move to the XLA device``."""
         fake.record("initialize_parallel_model", include_buffers=include_buffers)
         model = model_fn(*model_args, **model_kwargs)
         if nxd_config["pipeline_parallel_size"] > 1:
@@ -228,7 +250,8 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         return model
 
     class NxDOptimizer(torch.optim.Optimizer):
-        """Like NxD's: wraps the optimizer, clips in ``step`` and keeps the norm before clipping."""
+        """Mirrors ``neuronx_distributed.trainer.optimizer.NxDOptimizer``: wraps the optimizer, clips in
+        ``step`` and keeps the norm before clipping."""
 
         def __init__(self, optimizer, nxd_config):  # no Optimizer.__init__, as in NxD
             self.optimizer, self.nxd_config, self.grad_norm = optimizer, nxd_config, None
@@ -256,6 +279,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
             return self.optimizer.step(closure)
 
     def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
+        """Mirrors ``neuronx_distributed.trainer.initialize_parallel_optimizer``."""
         fake.record("initialize_parallel_optimizer", optimizer_class=optimizer_class, **defaults)
         optimizer = NxDOptimizer(None, nxd_config)
         if nxd_config["optimizer_config"]["zero_one_enabled"]:
@@ -280,6 +304,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
         use_zero1_dcp=False,
         avoid_saving_lower_precision_weights=False,
     ):
+        """Mirrors ``neuronx_distributed.trainer.save_checkpoint``."""
         fake.record(
             "save_checkpoint",
             checkpoint_dir_str=checkpoint_dir_str,
@@ -299,6 +324,7 @@ def install(monkeypatch, tp_rank: int = 0, tp_size: int = 1) -> FakeNxD:
     def load_checkpoint(
         path, tag=None, model=None, optimizer=None, scheduler=None, num_workers=8, strict=True, use_zero1_dcp=False
     ):
+        """Mirrors ``neuronx_distributed.trainer.load_checkpoint``."""
         fake.record("load_checkpoint", path=path, tag=tag, model=model, optimizer=optimizer)
         folder, rank_file = Path(path) / tag, f"dp_rank_00_tp_rank_{fake.tp_rank:02d}_pp_rank_00.pt"
         if optimizer is not None:
