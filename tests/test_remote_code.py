@@ -21,17 +21,23 @@ from bmojo.train import export_model
 PROMPT = "the cat sees a dog. the dog"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[Path, torch.Tensor]:
-    """A small random M+B model exported with the byte tokenizer, and its logits on ``PROMPT`` ``[1, T, V]``."""
+def export_small_model(folder: Path) -> BmojoForCausalLM:
+    """Export a small random M+B model with the byte tokenizer to ``folder``; returns the model, in eval mode."""
     torch.manual_seed(0)
     tokenizer = byte_tokenizer()
     config = BmojoConfig(layer_pattern="MB", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     model = BmojoForCausalLM(config).eval()
-    folder = export_model(model, tokenizer, tmp_path_factory.mktemp("remote") / "export")
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    export_model(model, tokenizer, folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """A small exported model's folder, and its logits on ``PROMPT`` ``[1, T, V]``."""
+    folder = tmp_path_factory.mktemp("remote") / "export"
+    model = export_small_model(folder)
     with torch.no_grad():
-        return folder, model(ids).logits
+        return folder, model(byte_tokenizer()(PROMPT, return_tensors="pt")["input_ids"]).logits
 
 
 def run_fresh_python(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
