@@ -414,11 +414,12 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         every call that continues a cache use it."""
         self.model.compile_decoding(**compile_options)
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=None, **kwargs):
-        # The cache holds everything already seen, so only the unseen tail of input_ids is fed.
+    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=None, attention_mask=None, **kwargs):
+        # The cache holds everything already seen, so only the unseen tail of input_ids is fed. The mask goes on
+        # so that forward refuses a padded batch rather than decode the padding as text.
         if cache is not None and cache.seen_tokens:
             input_ids = input_ids[:, cache.seen_tokens :]
-        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
 
     def forward(
         self,
