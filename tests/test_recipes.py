@@ -37,8 +37,8 @@ def test_every_family_member_exists_at_every_size():
     assert set(options("model")) == {f"{member}_{size}" for member in members for size in [*SIZES, "tiny"]}
 
 
-def meta_model(compose_recipe, overrides: list[str]):
-    config = OmegaConf.to_object(compose_recipe([*overrides, "model.vocab_size=50304"]))
+def meta_model(compose_recipe, overrides: list[str], vocab_size: int = 50304):
+    config = OmegaConf.to_object(compose_recipe([*overrides, f"model.vocab_size={vocab_size}"]))
     with torch.device("meta"):
         return build_model(config.model, byte_tokenizer())
 
@@ -56,6 +56,17 @@ def test_family_members_of_one_size_have_comparable_language_model_parameter_cou
             rank = model.config.innovation_rank
             config = model.config
             assert rank is not None and auxiliary == 2 * rank * config.hidden_size * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("suite", ["mqar", "extrapolation"])
+def test_small_comparison_presets_match_language_model_parameters(compose_recipe, suite):
+    counts = {}
+    for member in FAMILY:
+        # A small vocabulary (the byte tokenizer's), so the embeddings do not hide the layers' differences.
+        model = meta_model(compose_recipe, [f"experiment={suite}_{member}"], vocab_size=320)
+        counts[member] = model.parameter_counts()[0]
+    low, high = min(counts.values()), max(counts.values())
+    assert high / low - 1 < 0.02, counts
 
 
 @pytest.mark.parametrize(
