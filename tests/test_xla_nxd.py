@@ -10,6 +10,7 @@ checkout) or the installed package; the stand-ins for compiled Neuron modules ar
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import os
@@ -35,9 +36,13 @@ sys.path.insert(0, str(Path(__file__).parent / "parallel"))
 import real_nxd  # noqa: E402
 
 from bmojo import BmojoConfig, BmojoForCausalLM  # noqa: E402
+from bmojo.model.modeling import BmojoBlock  # noqa: E402
 from bmojo.parallel import Layout, bmojo_plan  # noqa: E402
+from bmojo.parallel.convert import full_model_state  # noqa: E402
+from bmojo.parallel.nxd_engine import _model_name  # noqa: E402
 from bmojo.train import recipes_dir, register_configs  # noqa: E402
 from bmojo.train import xla as xla_module  # noqa: E402
+from bmojo.train.checkpoint import CHECKPOINTS, latest_checkpoint  # noqa: E402
 from bmojo.train.metrics import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.xla
@@ -164,6 +169,12 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(xla_world, tmp
     # check reads only grad, since the loss itself stays finite.
     _poison_gradients_on(monkeypatch, {2})
     trainer = _run(tmp_path, "nonfinite", "trainer.max_steps=4")
+    assert type(trainer.optimizer).__name__ == "NxDOptimizer" and trainer.scheduler.optimizer is trainer.optimizer
+    assert type(trainer.optimizer.optimizer).__name__ == "NeuronZero1Optimizer"
+    settings = trainer.engine.nxd_config
+    assert settings["optimizer_config"] == {"zero_one_enabled": True, "grad_clipping": True, "max_grad_norm": 1.0}
+    assert settings["mixed_precision_config"]["use_fp32_grad_acc"] is True  # gradients in main_grad
+    assert settings["activation_checkpoint_config"] is BmojoBlock
     logged = _records(tmp_path / "nonfinite")
     assert sorted(logged) == [1, 3, 4]  # a skipped step logs no loss
     assert [logged[step]["skipped"] for step in (1, 3, 4)] == [0, 1, 1]
@@ -186,19 +197,27 @@ def test_save_resume_and_more_steps_equal_an_uninterrupted_run(xla_world, tmp_pa
     weights = dict(straight.engine.named_parameters())
     for name, param in resumed.engine.named_parameters():
         assert torch.allclose(param.detach().cpu(), weights[name].detach().cpu(), atol=1e-6), name
+    assert resumed.scheduler.last_epoch == 4
+    # NxD's own checkpoint files merge into the model from the layout record (one rank: the whole weights).
+    checkpoint = latest_checkpoint(tmp_path / "resumed" / CHECKPOINTS)
+    assert checkpoint.name.endswith("00000004")
+    assert json.loads((checkpoint / "layout.json").read_text())["engine"] == "nxd"
+    merged = full_model_state(checkpoint)
+    for name, param in resumed.engine.named_parameters():
+        assert torch.equal(merged[_model_name(name)], param.detach().cpu()), name
 
 
 def test_nxds_pipeline_tracer_keeps_the_blocks_and_parallel_cross_entropy_whole(xla_world):
     # NxD's tracer wraps parallel_cross_entropy as one graph node only where the traced forward reads it as a
     # global name: this fails where the loss binds it anywhere else (an attribute, a functools.partial), since
     # the tracer then traces into it, collectives and in-place updates included.
-    from bmojo.model.modeling import BmojoBlock
     from bmojo.parallel.nxd_engine import NxDEngine, build_parallel_model
 
     config = BmojoConfig(**{**CONFIG, "num_hidden_layers": 2, "layer_pattern": "MW"})
     # The engine imports NxD (and registers the HFTracer placeholder pipeline/trace.py imports).
     engine = NxDEngine(Layout(tensor_parallel=1, pipeline_parallel=2, microbatches=2))
     from neuronx_distributed.parallel_layers.loss_functions import parallel_cross_entropy
+    from neuronx_distributed.pipeline import NxDPPModel
     from neuronx_distributed.pipeline.trace import trace_model
 
     with torch.device("meta"):
@@ -215,6 +234,13 @@ def test_nxds_pipeline_tracer_keeps_the_blocks_and_parallel_cross_entropy_whole(
         leaf_modules=[*settings["leaf_module_cls"], settings["transformer_layer_cls"].__name__],
     )
     assert settings["transformer_layer_cls"] is BmojoBlock
+    assert settings["pipeline_cuts"] == ["model.layers.0"] and settings["num_microbatches"] == 2
+    assert settings["input_names"] == ["input_ids", "labels"] and settings["output_loss_value_spec"] == (True, False)
+    assert settings["use_zero1_optimizer"] is False
+    assert settings["broadcast_and_average_loss"] is True and settings["return_loss_on_cpu"] is False
+    assert set(settings["leaf_module_cls"]) == {"RMSNorm", "RotaryEmbedding"}
+    # NxDPPModel takes every one of them (its runtime needs a process per stage).
+    inspect.signature(NxDPPModel).bind(model, **settings)
     blocks = [name for name, module in model.named_modules() if isinstance(module, BmojoBlock)]
     assert len(blocks) == 2
     called = [node.target for node in traced.graph.nodes if node.op == "call_module"]
