@@ -55,7 +55,10 @@ def step_batches(step: int, microbatches: int, batch: int, vocab: int = PATTERN_
 
 
 def make_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=LR, weight_decay=0.1, foreach=False)
+    # Adam's first step moves a weight by about lr whatever its gradient's size, so a gradient at rounding level
+    # (whose sign the ranks' summation order decides) would become an lr-sized weight difference; eps 1e-6 keeps
+    # such gradients' steps at rounding level too, and leaves real gradients' steps as they are.
+    return torch.optim.AdamW(params, lr=LR, eps=1e-6, weight_decay=0.1, foreach=False)
 
 
 def reference_training(model: BmojoForCausalLM, microbatches: int, batch: int, steps: int = STEPS):
