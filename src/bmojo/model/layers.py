@@ -18,8 +18,9 @@ class InitRole(Enum):
 
 
 def mark_init(linear: nn.Linear, role: InitRole) -> nn.Linear:
-    """Tag ``linear`` with the init ``role`` the model applies to it (on the Linear itself: transformers runs
-    the init hook once per module, and a parent's hook cannot redraw a child's weights)."""
+    """Tag ``linear`` with the init ``role`` the model applies to it, when transformers runs the init hook on the
+    Linear itself: a module that owns no parameters directly (``SwiGLU``, ``AttentionMixer``) is marked
+    initialised without its hook running, so a rule kept there would never apply."""
     linear.init_role = role
     return linear
 

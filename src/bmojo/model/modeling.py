@@ -187,9 +187,10 @@ class BmojoPreTrainedModel(PreTrainedModel):
 
         Linear weights are normal(0, ``initializer_range``), except those tagged by :func:`mark_init`: residual
         outputs (``o_proj``, ``down_proj``, an M layer's ``out_proj``) divided by the square root of the number
-        of residual branches (GPT-2, mamba_ssm), so deep stacks start near the identity; and the inner SSM's
-        ``out_proj`` in F/B layers at std ``1/sqrt(fan_in)``, so its output (after the gated RMSNorm, RMS 1)
-        has RMS 1 like the layer input and fading keys/values start at the scale of the local ones.
+        of residual branches (GPT-2's rule with mamba_ssm's branch count; mamba_ssm itself scales a
+        kaiming-uniform draw), so deep stacks start near the identity; and the inner SSM's ``out_proj`` in F/B
+        layers at std ``1/sqrt(fan_in)``, so its output (after the gated RMSNorm, RMS 1) has RMS 1 like the
+        layer input and fading keys/values start at the scale of the local ones.
         """
         if isinstance(module, nn.Linear):
             role = getattr(module, "init_role", InitRole.default)

@@ -142,7 +142,7 @@ class ParallelTrainer(Trainer):
                 f"the tokenizer has {len(self.tokenizer)} entries but the model only {model.config.vocab_size}"
             )
         self.model_config = model.config
-        parameters = sum(p.numel() for p in model.parameters())
+        lm_parameters, aux_parameters = model.parameter_counts()
         self.model = self._parallelize(model)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -169,9 +169,11 @@ class ParallelTrainer(Trainer):
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
             logger.info(
-                "model %s: %s parameters on %d processes (%s), %s",
+                "model %s: %s language-model parameters (+%s trained only by the auxiliary loss) on %d processes "
+                "(%s), %s",
                 model.config.layer_pattern,
-                f"{parameters:,}",
+                f"{lm_parameters:,}",
+                f"{aux_parameters:,}",
                 layout.world_size,
                 ", ".join(f"{key}={value}" for key, value in layout.to_dict().items()),
                 self.device.type,
