@@ -9,10 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bmojo.model.layers import RotaryEmbedding
 from bmojo.ops import attention_blockwise
 from bmojo.ops.attention import bmojo_attention
 
-FLOAT_INPUTS = ("q", "k", "v", "fading_q", "fading_k", "fading_v", "mem_k", "mem_v")
+FLOAT_INPUTS = ("q", "k", "v", "fading_q", "fading_k", "fading_v", "mem_q", "mem_k", "mem_v")
 
 
 def make_inputs(
@@ -25,13 +26,15 @@ def make_inputs(
     fading: bool = True,
     fading_query: bool = False,
     slots: int = 0,
+    memory_query: bool = False,
     mem_block: int = 8,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     batch: int = 2,
 ) -> dict:
     """Random inputs; ``fading_query`` adds a query of the fading keys' own (untied fading projections), ``slots > 0``
-    memory with random positions and ~70% valid entries."""
+    memory with random positions and ~70% valid entries, ``memory_query`` a query of the memory keys' own (memory
+    keys without positional encoding)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -56,6 +59,8 @@ def make_inputs(
             "mem_valid": torch.rand(batch, num_blocks, slots, generator=generator) < 0.7,
             "mem_block": mem_block,
         }
+    if memory_query:
+        inputs["mem_q"] = randn(batch, length, query_heads, head_dim)
     return inputs
 
 
@@ -105,6 +110,15 @@ CASES = {
     "fading_query_band_and_memory_blocks_differ": dict(
         length=203, window=40, slots=5, mem_block=50, kv_heads=1, fading_query=True
     ),
+    # The memory keys' own query (memory keys without positional encoding): alone, with a fading query, with
+    # GQA/MQA and awkward blocks.
+    "memory_query": dict(slots=6, memory_query=True),
+    "memory_query_no_fading": dict(fading=False, slots=6, memory_query=True),
+    "memory_query_window_at_least_T": dict(window=40, slots=5, mem_block=16, memory_query=True),
+    "memory_query_fading_query_qe5_mqa": dict(slots=4, mem_block=5, kv_heads=1, fading_query=True, memory_query=True),
+    "memory_query_band_and_memory_blocks_differ": dict(
+        length=203, window=40, slots=5, mem_block=50, kv_heads=1, memory_query=True
+    ),
 }
 
 # The torch backend's two windowed paths: banded (CPU) and gathered (other devices), both run here.
@@ -153,6 +167,7 @@ def test_torch_matches_naive_fp32(case: str, path: SimpleNamespace) -> None:
         "band_and_memory_blocks_differ",
         "fading_query_memory_qe5_mqa",
         "fading_query_band_and_memory_blocks_differ",
+        "memory_query_fading_query_qe5_mqa",
     ],
 )
 def test_torch_matches_naive_bf16(case: str, path: SimpleNamespace) -> None:
@@ -209,7 +224,7 @@ def test_a_non_finite_sequence_leaves_the_others_alone(path: SimpleNamespace, fa
 
 def test_recomputed_under_activation_checkpointing(path: SimpleNamespace) -> None:
     # A checkpointed backward lets each saved tensor be unpacked only once.
-    inputs = make_inputs(slots=4, mem_block=8, fading_query=True)
+    inputs = make_inputs(slots=4, mem_block=8, fading_query=True, memory_query=True)
     leaves = {name: inputs[name].clone().requires_grad_(True) for name in FLOAT_INPUTS}
 
     def attend(*tensors: torch.Tensor) -> torch.Tensor:
@@ -238,16 +253,21 @@ def test_memory_of_no_slots_is_no_memory() -> None:
     )
 
 
+@pytest.mark.parametrize("memory_query", [False, True])
 @pytest.mark.parametrize("fading_query", [False, True])
-def test_naive_matches_hand_built_key_list(fading_query: bool) -> None:
+def test_naive_matches_hand_built_key_list(fading_query: bool, memory_query: bool) -> None:
     length, window, mem_block, scale = 21, 4, 5, 0.3
-    inputs = make_inputs(length=length, window=window, slots=3, mem_block=mem_block, seed=7, fading_query=fading_query)
+    inputs = make_inputs(
+        length=length, window=window, slots=3, mem_block=mem_block, seed=7, fading_query=fading_query,
+        memory_query=memory_query,
+    )  # fmt: skip
     out = bmojo_attention(**inputs, scale=scale, backend="naive")
     group = 2  # query heads per kv head
     for batch, t, head in [(0, 0, 0), (1, 3, 1), (0, 9, 2), (1, 14, 3), (0, 20, 0), (1, 17, 2)]:
         kv_head = head // group
         query = inputs["q"][batch, t, head]
         fading_query_row = inputs["fading_q"][batch, t, head] if fading_query else query
+        memory_query_row = inputs["mem_q"][batch, t, head] if memory_query else query
         keys, values = [], []  # (query, key) pairs, and their values
         for j in range(length):
             if t - window + 1 <= j <= t:
@@ -260,13 +280,54 @@ def test_naive_matches_hand_built_key_list(fading_query: bool) -> None:
         for slot in range(3):
             valid = bool(inputs["mem_valid"][batch, block, slot])
             if valid and int(inputs["mem_pos"][batch, block, slot]) < t - window + 1:
-                keys.append((query, inputs["mem_k"][batch, block, slot, kv_head]))
+                keys.append((memory_query_row, inputs["mem_k"][batch, block, slot, kv_head]))
                 values.append(inputs["mem_v"][batch, block, slot, kv_head])
         logits = [scale * float(row.double() @ key.double()) for row, key in keys]
         top = max(logits)
         weights = [math.exp(logit - top) for logit in logits]
         expected = sum(w * value.double() for w, value in zip(weights, values, strict=True)) / sum(weights)
         torch.testing.assert_close(out[batch, t, head].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_memory_query_scores_memory_keys_by_content_only(backend: str, path: SimpleNamespace) -> None:
+    # Queries and keys rotated to their positions, memory keys stored without RoPE; with w = 1 a query sees only
+    # itself and its memory. Scored with mem_q, the query before RoPE, a memory score is q · mem_k of un-rotated
+    # vectors, and the self score depends on no position: shifting every position by 100 changes no output.
+    # Scored with the rotated query (no mem_q), the memory scores depend on the query's absolute position.
+    if backend == "naive" and path.name == "gathered":
+        pytest.skip("the naive backend has one path: run once")
+    length, scale = 21, 0.5
+    inputs = make_inputs(length=length, window=1, fading=False, slots=3, mem_block=5, seed=3)
+    # Every entry valid and from position 0: every query t >= 1 sees all three of its block.
+    inputs["mem_valid"] = torch.ones_like(inputs["mem_valid"])
+    inputs["mem_pos"] = torch.zeros_like(inputs["mem_pos"])
+    unrotated_q, unrotated_k = inputs["q"], inputs["k"]
+    rope = RotaryEmbedding(unrotated_q.shape[-1], 10_000.0)
+
+    def attend(shift: int, memory_query: bool) -> torch.Tensor:
+        tables = rope.tables(torch.arange(length) + shift)
+        rotated = dict(q=rope(unrotated_q, tables), k=rope(unrotated_k, tables))
+        with_query = dict(mem_q=unrotated_q) if memory_query else {}
+        return bmojo_attention(**(inputs | rotated | with_query), scale=scale, backend=backend)
+
+    out = attend(0, memory_query=True)
+    torch.testing.assert_close(attend(100, memory_query=True), out, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(attend(100, memory_query=False), attend(0, memory_query=False), atol=1e-3)
+    group, mem_block = 2, 5  # query heads per kv head; positions per memory block
+    for batch, t, head in [(0, 6, 0), (1, 13, 3), (0, 20, 1)]:
+        kv_head = head // group
+        query = unrotated_q[batch, t, head].double()
+        logits = [scale * float(query @ unrotated_k[batch, t, kv_head].double())]  # RoPE keeps q_t · k_t
+        values = [inputs["v"][batch, t, kv_head].double()]
+        for slot in range(3):
+            logits.append(scale * float(query @ inputs["mem_k"][batch, t // mem_block, slot, kv_head].double()))
+            values.append(inputs["mem_v"][batch, t // mem_block, slot, kv_head].double())
+        weights = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=0)
+        expected = sum(weight * value for weight, value in zip(weights, values, strict=True))
+        torch.testing.assert_close(out[batch, t, head].double(), expected, rtol=1e-5, atol=1e-6)
+    if backend == "torch":
+        assert_path_ran(path, inputs)
 
 
 def test_auto_backend_matches_explicit_torch() -> None:
@@ -281,6 +342,11 @@ def test_auto_backend_matches_explicit_torch() -> None:
         (dict(fading_v=None), "fading_k and fading_v together"),
         (dict(fading_q=torch.zeros(2, 37, 4, 8), fading_k=None, fading_v=None), "pass fading_k and fading_v with it"),
         (dict(fading_q=torch.zeros(2, 37, 2, 8)), r"fading_q must be \[B, T, Hq, D\]"),
+        (
+            dict(mem_q=torch.zeros(2, 37, 4, 8), mem_k=None, mem_v=None, mem_pos=None, mem_valid=None, mem_block=None),
+            "pass the memory",
+        ),
+        (dict(mem_q=torch.zeros(2, 37, 2, 8)), r"mem_q must be \[B, T, Hq, D\]"),
         (dict(window=0), "window must be a positive int"),
         (dict(k=torch.zeros(2, 37, 3, 8)), "multiple of key/value heads"),
         (dict(v=torch.zeros(2, 36, 2, 8)), r"v must be \[B, T, Hkv, D\]"),

@@ -228,13 +228,16 @@ def test_fading_query_scores_the_fading_keys_and_only_them():
 def test_memory_keys_without_rope_do_not_depend_on_the_position(memory_rope, monkeypatch):
     # One layer reading one repeated token: every position has the same key before RoPE, which is the key RoPE
     # leaves at position 0. Without RoPE every memory entry holds exactly that key (so it scores the same against
-    # a query wherever the token sat); with RoPE the entries differ by position.
+    # a query wherever the token sat), and the memory is scored with the query before RoPE, likewise the query of
+    # position 0 at every position (so the score does not depend on where the query sits either); with RoPE the
+    # entries differ by position and the rotated query scores them.
     model = build(tiny_config("B", layers=1, memory_threshold=0.0, memory_rope=memory_rope))
     seen = {}
     original = attention_module.bmojo_attention
 
     def recording(q, k, v, **kwargs):
-        seen.update(k=k, mem_k=kwargs["mem_k"], mem_pos=kwargs["mem_pos"], mem_valid=kwargs["mem_valid"])
+        seen.update(q=q, k=k, mem_q=kwargs.get("mem_q"), mem_k=kwargs["mem_k"])
+        seen.update(mem_pos=kwargs["mem_pos"], mem_valid=kwargs["mem_valid"])
         return original(q, k, v, **kwargs)
 
     monkeypatch.setattr(attention_module, "bmojo_attention", recording)
@@ -247,8 +250,11 @@ def test_memory_keys_without_rope_do_not_depend_on_the_position(memory_rope, mon
     if memory_rope:
         torch.testing.assert_close(entries, seen["k"][0, positions])
         assert not torch.allclose(entries[positions > 0], unrotated[positions > 0], atol=1e-3)
+        assert seen["mem_q"] is None
     else:
         torch.testing.assert_close(entries, unrotated, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(seen["mem_q"], seen["q"][:, :1].expand_as(seen["q"]), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(seen["q"][:, 1:], seen["q"][:, :1].expand_as(seen["q"][:, 1:]), atol=1e-3)
 
 
 def test_aux_loss_trains_only_the_predictor():

@@ -89,7 +89,8 @@ class AttentionMixer(nn.Module):
         self.fading_k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if untied and config.qk_norm else None
         self.predictor = InnovationPredictor(d, config.innovation_rank) if letter == "B" else None
         if self.predictor is not None:
-            # False: memory keys carry no positional encoding (the key before RoPE); queries keep theirs.
+            # False: memory keys carry no positional encoding (the key before RoPE) and are scored by the query
+            # before RoPE, so a memory score is content only; local and fading keys still meet the rotated query.
             self.memory_rope = config.memory_rope
             self.memory_size = config.memory_size
             self.memory_topk = config.memory_topk
@@ -124,7 +125,8 @@ class AttentionMixer(nn.Module):
         """Parallel form. h: [B, T, D] -> (out: [B, T, D], unweighted aux loss or None, state if asked)."""
         batch, length, _ = h.shape
         rope = self.rope.tables(torch.arange(length, device=h.device))
-        q = self.rope(self._heads(self.q_proj, self.q_norm, h), rope)
+        unrotated_q = self._heads(self.q_proj, self.q_norm, h)
+        q = self.rope(unrotated_q, rope)
         unrotated_k = self._heads(self.k_proj, self.k_norm, h)
         k, v = self.rope(unrotated_k, rope), self._heads(self.v_proj, None, h)
         extra, aux, state = {}, None, None
@@ -155,6 +157,8 @@ class AttentionMixer(nn.Module):
                 num_query_blocks=length // self.memory_block + 1,
             )
             memory_k = k if self.memory_rope else unrotated_k
+            if not self.memory_rope:
+                extra["mem_q"] = unrotated_q
             gathered_k, gathered_v = (
                 eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:])
                 for t in (memory_k, v)
@@ -273,15 +277,15 @@ class AttentionMixer(nn.Module):
         if self.window is None:
             # Full attention's cache grows with the context (the baseline the windowed letters avoid): one more
             # key and value each token, appended the way a Hugging Face dynamic cache appends them.
-            queries, keys, values = self._step_projections(h, None, rope)
+            (query, _, _), keys, values = self._step_projections(h, None, rope)
             state.keys = torch.cat([state.keys, keys[0].unsqueeze(2)], dim=2)
             state.values = torch.cat([state.values, values[0].unsqueeze(2)], dim=2)
-            out = F.scaled_dot_product_attention(queries[0], state.keys, state.values)
+            out = F.scaled_dot_product_attention(query, state.keys, state.values)
             return self.o_proj(out.reshape(h.shape[0], 1, -1))
         s = None
         if self.ssm is not None:
             s, state.ssm = self.ssm(h, state.ssm)
-        queries, keys, values = self._step_projections(h, s, rope)
+        (query, fading_query, memory_query), keys, values = self._step_projections(h, s, rope)
         local = position % self.ring
         if s is None:
             state.keys.select(2, local).copy_(keys[0])
@@ -297,32 +301,36 @@ class AttentionMixer(nn.Module):
         # compile the step again for each range of positions.
         full = not torch.compiler.is_compiling() and self.unmasked_from is not None and position >= self.unmasked_from
         mask = None if full else state.mask
-        if len(queries) == 1:
-            out = F.scaled_dot_product_attention(queries[0], state.keys, state.values, attn_mask=mask)
+        if fading_query is None and memory_query is None:
+            out = F.scaled_dot_product_attention(query, state.keys, state.values, attn_mask=mask)
         else:
-            out = self._attend_with_fading_query(*queries, state.keys, state.values, mask)
+            out = self._attend_with_own_queries(query, fading_query, memory_query, state.keys, state.values, mask)
         return self.o_proj(out.reshape(h.shape[0], 1, -1))
 
-    def _attend_with_fading_query(
+    def _attend_with_own_queries(
         self,
         q: torch.Tensor,
-        fading_q: torch.Tensor,
+        fading_q: torch.Tensor | None,
+        memory_q: torch.Tensor | None,
         keys: torch.Tensor,
         values: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One softmax over the decode buffer's slots, the fading slots scored with ``fading_q`` and all others
-        with ``q`` (untied fading projections). SDPA scores every key with one query, so the scores are formed
-        here, in fp32 as the fused kernels keep them. q, fading_q: [B, Hkv, G, Dh]; keys, values: [B, Hkv, S, Dh];
-        mask: [B, 1, 1, S] additive or None -> [B, Hkv, G, Dh] in the values' dtype.
+        """One softmax over the decode buffer's slots, the fading slots scored with ``fading_q`` (untied fading
+        projections), the memory slots with ``memory_q`` (the query before RoPE, where memory keys carry none), each
+        where given, and all others with ``q``. SDPA scores every key with one query, so the scores are formed
+        here, in fp32 as the fused kernels keep them. q, fading_q, memory_q: [B, Hkv, G, Dh]; keys, values:
+        [B, Hkv, S, Dh]; mask: [B, 1, 1, S] additive or None -> [B, Hkv, G, Dh] in the values' dtype.
         """
         compute_dtype = torch.promote_types(keys.dtype, torch.float32)
-        q, fading_q, keys32 = q.to(compute_dtype), fading_q.to(compute_dtype), keys.to(compute_dtype)
+        q, keys32 = q.to(compute_dtype), keys.to(compute_dtype)
+        fading_q = q if fading_q is None else fading_q.to(compute_dtype)
+        memory_q = q if memory_q is None else memory_q.to(compute_dtype)
         scores = torch.cat(
             [
                 q @ keys32[:, :, : self.ring].mT,
                 fading_q @ keys32[:, :, self.ring : self.memory_start].mT,
-                q @ keys32[:, :, self.memory_start :].mT,
+                memory_q @ keys32[:, :, self.memory_start :].mT,
             ],
             dim=-1,
         ).mul_(self.head_dim**-0.5)
@@ -332,12 +340,16 @@ class AttentionMixer(nn.Module):
 
     def _step_projections(
         self, h: torch.Tensor, s: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    ) -> tuple[
+        tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+        tuple[torch.Tensor, ...],
+        tuple[torch.Tensor, ...],
+    ]:
         """Queries, keys and values of one token, with the fewest ops (what :meth:`forward` computes for it):
-        h, s (SSM output or None): [B, 1, D] -> (queries, each [B, Hkv, Hq/Hkv, Dh]: the query, then the fading
-        keys' own if the fading projections are untied; keys and values, each [B, Hkv, Dh]: local, then fading if
-        ``s`` is given). Tied projections run on [h, s] at once, and one RoPE call rotates all heads, which share
-        the token's position.
+        h, s (SSM output or None): [B, 1, D] -> (queries, each [B, Hkv, Hq/Hkv, Dh] or None: the query, the fading
+        keys' own if the fading projections are untied, the memory keys' own (the query before RoPE) if they carry
+        no positional encoding; keys and values, each [B, Hkv, Dh]: local, then fading if ``s`` is given). Tied
+        projections run on [h, s] at once, and one RoPE call rotates all heads, which share the token's position.
         """
         batch = h.shape[0]
         untied = s is not None and self.fading_k_proj is not None
@@ -357,10 +369,15 @@ class AttentionMixer(nn.Module):
             k = torch.cat([self.k_norm(local_k), self.fading_k_norm(fading_k)], dim=2)
         elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # Memory keys without positional encoding are scored with the query before RoPE: keep it un-rotated.
+        unrotated_q = q[:, :, : self.num_heads] if self.predictor is not None and not self.memory_rope else None
         q, k = self.rope(torch.cat([q, k], dim=2), rope).split([q.shape[2], k.shape[2]], dim=2)
         # Query heads sharing a key head are rows of one query: SDPA reads each key head once, without copies.
         group = self.num_heads // self.num_kv_heads
-        queries = q.view(batch, -1, self.num_kv_heads, group, self.head_dim).unbind(1)
+        per_query_set = (batch, -1, self.num_kv_heads, group, self.head_dim)
+        query, *fading_query = q.view(per_query_set).unbind(1)
+        memory_query = None if unrotated_q is None else unrotated_q.reshape(per_query_set)[:, 0]
+        queries = (query, fading_query[0] if fading_query else None, memory_query)
         per_set = (batch, -1, self.num_kv_heads, self.head_dim)
         return queries, k.view(per_set).unbind(1), v.view(per_set).unbind(1)
 

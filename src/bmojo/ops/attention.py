@@ -5,7 +5,8 @@ Queries and keys sit at positions ``0..T-1``. Query ``t`` sees
 - fading keys ``fading_k_j``: ``j ∈ [t-2w+1, t-w]`` (needs ``window``), scored with ``fading_q_t`` where it is
   given (untied fading projections) and with ``q_t`` otherwise;
 - memory entries ``mem_k[c, m]`` of its own memory block ``c = t // mem_block`` that are valid and lie
-  behind its local window (``mem_pos[c, m] < t-w+1``; needs ``window``).
+  behind its local window (``mem_pos[c, m] < t-w+1``; needs ``window``), scored with ``mem_q_t`` where it is
+  given (memory keys without positional encoding meet the query before RoPE) and with ``q_t`` otherwise.
 
 Every query sees at least itself, so no softmax row is empty, but a query may have no fading or no memory
 keys at all. Backends: ``naive`` (one dense masked softmax, defined here) and ``torch`` (fused attention
@@ -35,6 +36,7 @@ def bmojo_attention(
     fading_q: torch.Tensor | None = None,
     fading_k: torch.Tensor | None = None,
     fading_v: torch.Tensor | None = None,
+    mem_q: torch.Tensor | None = None,
     mem_k: torch.Tensor | None = None,
     mem_v: torch.Tensor | None = None,
     mem_pos: torch.Tensor | None = None,
@@ -47,17 +49,19 @@ def bmojo_attention(
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with ``Hq % Hkv == 0`` (query head h reads kv head
     ``h // (Hq // Hkv)``); fading_q: [B, T, Hq, D] or None (then q scores the fading keys too); fading_k,
-    fading_v: [B, T, Hkv, D]; mem_k, mem_v: [B, NB, M, Hkv, D] with ``NB = ceil(T / mem_block)``; mem_pos:
-    [B, NB, M] int64 original positions; mem_valid: [B, NB, M] bool. ``scale`` defaults to ``D ** -0.5``.
+    fading_v: [B, T, Hkv, D]; mem_q: [B, T, Hq, D] or None (then q scores the memory keys too); mem_k, mem_v:
+    [B, NB, M, Hkv, D] with ``NB = ceil(T / mem_block)``; mem_pos: [B, NB, M] int64 original positions;
+    mem_valid: [B, NB, M] bool. ``scale`` defaults to ``D ** -0.5``.
     Returns o: [B, T, Hq, D] in q's dtype.
     """
-    _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block)
+    _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     implementation = ATTENTION.resolve(backend, q.device)
     return implementation(
-        q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, float(scale)
-    )
+        q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block,
+        float(scale),
+    )  # fmt: skip
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
@@ -65,7 +69,9 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], lay
         raise ValueError(f"bmojo_attention: {name} must be {layout} = {expected}, got {tuple(tensor.shape)}")
 
 
-def _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block) -> None:
+def _validate(
+    q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block
+) -> None:
     if q.dim() != 4:
         raise ValueError(f"bmojo_attention: q must be [B, T, Hq, D], got shape {tuple(q.shape)}")
     if not q.is_floating_point():
@@ -129,6 +135,11 @@ def _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_p
         if mem_valid.dtype != torch.bool:
             raise TypeError(f"bmojo_attention: mem_valid must be bool, got {mem_valid.dtype}; use .bool()")
         floats |= {"mem_k": mem_k, "mem_v": mem_v}
+    if mem_q is not None:
+        if not given:
+            raise ValueError("bmojo_attention: mem_q scores memory keys; pass the memory (mem_k, ...) with it")
+        _check_shape("mem_q", mem_q, tuple(q.shape), "[B, T, Hq, D]")
+        floats["mem_q"] = mem_q
         for name, tensor in (("mem_pos", mem_pos), ("mem_valid", mem_valid)):
             if tensor.device != q.device:
                 raise ValueError(f"bmojo_attention: {name} is on {tensor.device} but q is on {q.device}")
@@ -142,7 +153,7 @@ def _validate(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_p
 
 @ATTENTION.register("naive")
 def bmojo_attention_naive(
-    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
     """Reference: keys [local T | fading T | memory NB*M], each set scored by its query, one boolean mask, one
     fp32 softmax.
@@ -174,7 +185,7 @@ def bmojo_attention_naive(
 
     if mem_k is not None:
         _, num_blocks, slots, kv_heads, _ = mem_k.shape
-        queries.append(query)
+        queries.append(query if mem_q is None else mem_q.to(compute_dtype))
         keys.append(per_query_head(mem_k.reshape(batch, num_blocks * slots, kv_heads, head_dim)))
         values.append(per_query_head(mem_v.reshape(batch, num_blocks * slots, kv_heads, head_dim)))
         entry_block = torch.arange(num_blocks, device=q.device).repeat_interleave(slots)  # [NB*M]

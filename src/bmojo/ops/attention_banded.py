@@ -14,7 +14,8 @@
 - **A fading query of its own** (untied fading projections): one band call cannot score two key sets with two
   queries, so the local keys and the fading keys each get a band call (``cols`` = 1, the fading band's rows
   shifted by ``w``), the second with the fading query; together they read as many keys as the shared band.
-- **Memory keys, one more call** per memory block: its queries against the block's M entries.
+- **Memory keys, one more call** per memory block: its queries against the block's M entries, or the memory
+  query's where one is given (memory keys without positional encoding meet the query before RoPE).
 - **The merge.** PyTorch's CPU flash kernel returns each call's log-sum-exp, so the softmaxes combine exactly:
   ``o = Σ_i exp(lse_i - lse) o_i`` with ``lse = logsumexp_i(lse_i)``. Its backward, given the *merged* output
   and log-sum-exp, returns each call's exact share of the gradient (``P = exp(S - lse)`` and ``rowsum(dO ∘ O)``
@@ -138,23 +139,24 @@ def _memory_mask(mem_pos: Tensor, mem_valid: Tensor, window: int, mem_block: int
 class BandedAttention(torch.autograd.Function):
     """Forward inputs as :func:`banded_attention`'s, with the band geometry and masks built outside (the masks carry
     no gradient): ``bands`` the :class:`_Band` of each band call, ``band_mask`` the first band's mask and
-    ``fading_mask`` the second's (only with ``fading_q``), ``mem_mask`` the memory call's (or None)."""
+    ``fading_mask`` the second's (only with ``fading_q``), ``mem_mask`` the memory call's (or None); ``mem_q``
+    the memory call's query, or None for q."""
 
     @staticmethod
     def forward(
-        ctx, q, k, v, fading_q, fading_k, fading_v, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands, mem_block,
-        scale,
+        ctx, q, k, v, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands,
+        mem_block, scale,
     ):  # fmt: skip
         with torch.autocast("cpu", enabled=False):
             return BandedAttention._forward(
-                ctx, q, k, v, fading_q, fading_k, fading_v, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands,
-                mem_block, scale,
+                ctx, q, k, v, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, band_mask, fading_mask, mem_mask,
+                bands, mem_block, scale,
             )  # fmt: skip
 
     @staticmethod
     def _forward(
-        ctx, q, k, v, fading_q, fading_k, fading_v, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands, mem_block,
-        scale,
+        ctx, q, k, v, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands,
+        mem_block, scale,
     ):  # fmt: skip
         flash_forward, _ = FLASH_OPS
         batch, length = q.shape[:2]
@@ -186,7 +188,7 @@ class BandedAttention(torch.autograd.Function):
         if mem_k is not None:
             num_blocks = mem_k.shape[1]
             mem_out, mem_lse = flash_forward(
-                _blocks(_pad_time(q, num_blocks * mem_block), mem_block),
+                _blocks(_pad_time(q if mem_q is None else mem_q, num_blocks * mem_block), mem_block),
                 mem_k.flatten(0, 1).transpose(1, 2),  # [B·NB, Hkv, M, D]
                 mem_v.flatten(0, 1).transpose(1, 2),
                 attn_mask=mem_mask,
@@ -196,7 +198,9 @@ class BandedAttention(torch.autograd.Function):
             parts.append(_weigh_nothing_where_nothing_is_seen(mem_out, mem_lse, mem_mask, batch))
         out, lse = parts[0] if len(parts) == 1 else _merge(parts)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, fading_q, out, lse, band_mask, fading_mask, mem_k, mem_v, mem_mask, *buffers)
+        ctx.save_for_backward(
+            q, fading_q, mem_q, out, lse, band_mask, fading_mask, mem_k, mem_v, mem_mask, *buffers
+        )  # fmt: skip
         ctx.geometry = (bands, mem_block, scale)
         return out
 
@@ -208,7 +212,9 @@ class BandedAttention(torch.autograd.Function):
             return BandedAttention._backward(ctx, grad_out.to(saved[0].dtype), *saved)
 
     @staticmethod
-    def _backward(ctx, grad_out, q, fading_q, out, lse, band_mask, fading_mask, mem_k, mem_v, mem_mask, *buffers):
+    def _backward(
+        ctx, grad_out, q, fading_q, mem_q, out, lse, band_mask, fading_mask, mem_k, mem_v, mem_mask, *buffers
+    ):  # fmt: skip
         _, flash_backward = FLASH_OPS
         bands, mem_block, scale = ctx.geometry
         batch, length = q.shape[:2]
@@ -241,18 +247,23 @@ class BandedAttention(torch.autograd.Function):
         # Without a fading query or fading keys, their gradients are None.
         grad_q, grad_fq = (grad_queries + [None])[:2]
         (grad_k, grad_v), (grad_fk, grad_fv) = (key_set_grads + [(None, None)])[:2]
-        grad_mem_k = grad_mem_v = None
+        grad_mq = grad_mem_k = grad_mem_v = None
         if mem_k is not None:
             num_blocks = mem_k.shape[1]
+            mem_query = q if mem_q is None else mem_q
             mem_keys, mem_values = (m.flatten(0, 1).transpose(1, 2) for m in (mem_k, mem_v))
-            grad_out_m, q_m, out_m, lse_m = blocked(num_blocks * mem_block, mem_block, grad_out, q, out, lse)
+            grad_out_m, q_m, out_m, lse_m = blocked(num_blocks * mem_block, mem_block, grad_out, mem_query, out, lse)
             grad_q_mem, grad_mem_k, grad_mem_v = flash_backward(
                 grad_out_m, q_m, mem_keys, mem_values, out_m, lse_m, 0.0, False, attn_mask=mem_mask, scale=scale
             )
-            grad_q = grad_q + _unblock(grad_q_mem, batch, length)
+            grad_q_mem = _unblock(grad_q_mem, batch, length)
+            if mem_q is None:
+                grad_q = grad_q + grad_q_mem
+            else:
+                grad_mq = grad_q_mem
             grad_mem_k, grad_mem_v = (g.transpose(1, 2).reshape(mem_k.shape) for g in (grad_mem_k, grad_mem_v))
         return (
-            grad_q, grad_k, grad_v, grad_fq, grad_fk, grad_fv, grad_mem_k, grad_mem_v,
+            grad_q, grad_k, grad_v, grad_fq, grad_fk, grad_fv, grad_mq, grad_mem_k, grad_mem_v,
             None, None, None, None, None, None,
         )  # fmt: skip
 
@@ -277,7 +288,7 @@ def _merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def banded_attention(
-    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> Tensor:
     """``bmojo_attention`` with a window on CPU tensors (inputs validated; shapes as there)."""
     length = q.shape[1]
@@ -285,7 +296,7 @@ def banded_attention(
         # No query has a fading key then; the buffer also has no row for one (they sit w rows on).
         fading_q = fading_k = fading_v = None
     if mem_k is not None and mem_k.shape[2] == 0:  # a memory of no slots adds no key (and the kernel needs one)
-        mem_k = mem_v = None
+        mem_q = mem_k = mem_v = None
     if fading_k is None:
         bands = (_Band(length, window, (0,)),)
     elif fading_q is None:
@@ -298,5 +309,6 @@ def banded_attention(
     if mem_k is not None:
         mem_mask = _memory_mask(mem_pos, mem_valid, window, mem_block, q.dtype)
     return BandedAttention.apply(
-        q, k, v, fading_q, fading_k, fading_v, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands, mem_block, scale
-    )
+        q, k, v, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, band_mask, fading_mask, mem_mask, bands,
+        mem_block, scale,
+    )  # fmt: skip

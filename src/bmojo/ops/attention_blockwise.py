@@ -10,9 +10,11 @@ A single :func:`torch.nn.functional.scaled_dot_product_attention` over ``[B·NQ,
 the softmax over the union of the three sets exactly: PyTorch's fused (flash) kernels on CPU and GPU, so no
 score tensor is materialised and the backward is fused as well. Work and memory are O(T·(w + M)), not O(T²).
 
-A fading query of its own (untied fading projections) still fits the one call: queries become ``[q | fading_q]``
-and keys ``[k | 0]``, ``[0 | fading_k]``, ``[mem_k | 0]`` along the head dimension, so every key meets its own
-query; values are zero-padded alike, since the fused kernels want one head size for all three.
+A fading query of its own (untied fading projections) or a memory query of its own (memory keys without positional
+encoding) still fits the one call: queries become ``[q | fading_q | mem_q]`` (the given ones) and every key set is
+zero-padded into the slot of its own query along the head dimension, e.g. ``[k | 0 | 0]``, ``[0 | fading_k | 0]``,
+``[0 | 0 | mem_k]``, so every key meets its own query; values are zero-padded behind, since the fused kernels want
+one head size for all key sets.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _memory_index_and_mask(
 
 
 def bmojo_attention_torch(
-    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
     """The ``torch`` backend of :func:`bmojo.ops.attention.bmojo_attention` (inputs already validated).
 
@@ -78,11 +80,13 @@ def bmojo_attention_torch(
         )
         return out.transpose(1, 2)
     path = banded_attention if q.device.type == "cpu" and FLASH_OPS is not None else gathered_attention
-    return path(q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale)
+    return path(
+        q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    )
 
 
 def gathered_attention(
-    q, k, v, window, fading_q, fading_k, fading_v, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
+    q, k, v, window, fading_q, fading_k, fading_v, mem_q, mem_k, mem_v, mem_pos, mem_valid, mem_block, scale
 ) -> torch.Tensor:
     """Windowed ``bmojo_attention``: every query block's keys gathered, one fused SDPA call (any device)."""
     batch, length, query_heads, head_dim = q.shape
@@ -93,9 +97,9 @@ def gathered_attention(
 
     if window >= length:  # then no query has a fading key
         fading_q = fading_k = fading_v = None
-    if fading_q is not None:
-        q, (k, v, fading_k, fading_v, mem_k, mem_v) = _with_fading_query(
-            q, fading_q, k, v, fading_k, fading_v, mem_k, mem_v
+    if fading_q is not None or mem_q is not None:
+        q, (k, v, fading_k, fading_v, mem_k, mem_v) = _with_own_queries(
+            q, fading_q, mem_q, k, v, fading_k, fading_v, mem_k, mem_v
         )
 
     # Every key set is a source of rows and, per query block, an index into it and a mask.
@@ -137,25 +141,34 @@ def gathered_attention(
     return out.reshape(batch, num_blocks * block, query_heads, -1)[:, :length, :, :head_dim]
 
 
-def _with_fading_query(
+def _with_own_queries(
     q: torch.Tensor,
-    fading_q: torch.Tensor,
+    fading_q: torch.Tensor | None,
+    mem_q: torch.Tensor | None,
     k: torch.Tensor,
     v: torch.Tensor,
-    fading_k: torch.Tensor,
-    fading_v: torch.Tensor,
+    fading_k: torch.Tensor | None,
+    fading_v: torch.Tensor | None,
     mem_k: torch.Tensor | None,
     mem_v: torch.Tensor | None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Inputs for one call where the fading keys meet ``fading_q`` and all others ``q`` (head dim D → 2D).
+    """Inputs for one call where the fading keys meet ``fading_q``, the memory keys ``mem_q`` (where given) and all
+    others ``q`` (head dim D → n·D, n the number of query sets).
 
-    q, fading_q: [B, T, Hq, D] → [q | fading_q]; then (k, v, fading_k, fading_v, mem_k, mem_v) padded with D
-    zeros, in front for fading_k and behind for the others, so ``[q | fq] · [k | 0] = q · k`` and
-    ``[q | fq] · [0 | fk] = fq · fk``; each value keeps its first D channels, which are the output's.
+    q, fading_q, mem_q: [B, T, Hq, D] → [q | fading_q | mem_q], the given ones; then (k, v, fading_k, fading_v,
+    mem_k, mem_v), None staying None, every key zero-padded into the D channels of its own query, so e.g.
+    ``[q | fq] · [0 | fk] = fq · fk``; every value padded behind, keeping its first D channels, the output's.
     """
-    queries = torch.cat([q, fading_q], dim=-1)
     head_dim = q.shape[-1]
-    behind, in_front = (0, head_dim), (head_dim, 0)
-    padded = [F.pad(k, behind), F.pad(v, behind), F.pad(fading_k, in_front), F.pad(fading_v, behind)]
-    padded += [None, None] if mem_k is None else [F.pad(mem_k, behind), F.pad(mem_v, behind)]
-    return queries, padded
+    query_sets = [q, *(query for query in (fading_q, mem_q) if query is not None)]
+    width = len(query_sets) * head_dim
+    fading_slot = 1 if fading_q is not None else 0
+    mem_slot = len(query_sets) - 1 if mem_q is not None else 0
+
+    def in_slot(x: torch.Tensor | None, slot: int) -> torch.Tensor | None:
+        """x [..., D] zero-padded to [..., n·D], its channels at [slot·D, (slot + 1)·D)."""
+        return None if x is None else F.pad(x, (slot * head_dim, width - (slot + 1) * head_dim))
+
+    keys = [in_slot(k, 0), in_slot(fading_k, fading_slot), in_slot(mem_k, mem_slot)]
+    values = [in_slot(value, 0) for value in (v, fading_v, mem_v)]
+    return torch.cat(query_sets, dim=-1), [keys[0], values[0], keys[1], values[1], keys[2], values[2]]
