@@ -69,9 +69,7 @@ def build_model(model_config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -
     return BmojoForCausalLM(config)
 
 
-def check_memory_reachable(
-    model: ModelConfig | BmojoConfig, seq_len: int, allow_unreachable: bool = False
-) -> None:
+def check_memory_reachable(model: ModelConfig | BmojoConfig, seq_len: int, allow_unreachable: bool = False) -> None:
     """Refuse a training length at which a windowed model's fading or eidetic memory gets no gradient.
 
     A query at t sees fading keys only once t >= w, and a memory entry only after it has left the window (w
