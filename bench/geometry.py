@@ -75,15 +75,18 @@ def main(argv: list[str] | None = None) -> None:
             model = build_model(configs[key][3], compile_blocks=False)
             steps[key] = make_step(model, max(1, args.tokens // seq_len), seq_len, args.vocab_size, device)
     seconds = median_seconds(steps, args.repeats)
+    tokens_per_s = {
+        key: max(1, args.tokens // seq_len) * seq_len / seconds[key] for key, (_, seq_len, _, _) in configs.items()
+    }
+    first = {}  # each member's first geometry: what its others are measured against
+    for key, (member, *_rest) in configs.items():
+        first.setdefault(member, tokens_per_s[key])
     rows = []
     print(f"{'member':<7} {'T':>6} {'window':>7} {'tokens/s':>9} {'vs first':>9}")
     for key, (member, seq_len, window, config) in configs.items():
-        tokens = max(1, args.tokens // seq_len) * seq_len
-        first = next(k for k, c in configs.items() if c[0] == member)
-        first_tokens = max(1, args.tokens // configs[first][1]) * configs[first][1]
-        ratio = (tokens / seconds[key]) / (first_tokens / seconds[first])
+        ratio = tokens_per_s[key] / first[member]
         row = {"member": member, "seq_len": seq_len, "window": window, "step_s": seconds[key]}
-        row |= {"tokens_per_s": tokens / seconds[key], "vs_first": ratio, **parameter_fields(config)}
+        row |= {"tokens_per_s": tokens_per_s[key], "vs_first": ratio, **parameter_fields(config)}
         rows.append(row)
         print(f"{member:<7} {seq_len:>6} {window:>7} {row['tokens_per_s']:>9.0f} {ratio:>9.2f}")
     model = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "memory_size": 256}

@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 import torch
+from test_model import tiny_config
 
 import bmojo.model.attention as attention_module
-from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo import BmojoForCausalLM
 from bmojo.model.memory import (
     InnovationPredictor,
     MemoryFIFO,
@@ -186,21 +187,8 @@ def decoded_memories(model: BmojoForCausalLM, ids: torch.Tensor) -> list[list[li
 
 @pytest.mark.parametrize("precision", ["bf16-weights", "bf16-autocast"])
 def test_bf16_decoding_selects_the_memory_the_parallel_pass_selects(precision, monkeypatch):
-    config = BmojoConfig(
-        layer_pattern="B",
-        num_hidden_layers=3,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        window_size=BLOCK,
-        memory_size=MEMORY_SIZE,
-        memory_topk=TOPK,
-        memory_threshold=THRESHOLD,
-        ssm_head_dim=16,
-        ssm_state_size=8,
-        ssm_num_groups=2,
-        ssm_chunk_size=16,
-        vocab_size=97,
+    config = tiny_config(
+        "B", layers=3, window_size=BLOCK, memory_size=MEMORY_SIZE, memory_topk=TOPK, memory_threshold=THRESHOLD
     )
     torch.manual_seed(1)
     model = BmojoForCausalLM(config).eval()
