@@ -1,4 +1,8 @@
-"""Data pipeline (DESIGN §7): documents → tokenizer → packed blocks → resumable, rank-sharded batches."""
+"""Data pipeline (DESIGN §7): documents → tokenizer → packed blocks → resumable, rank-sharded batches.
+
+Blocks come from tokenizing at start-up (:func:`pack_documents`), from a folder of token shards written once by
+``bmojo-prepare`` (``data.prepared``, :mod:`bmojo.data.prepared`), or from a stream (``data.streaming``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from bmojo.data.corpus import CorpusReport, DataError, load_documents, stdlib_do
 from bmojo.data.loader import BlockLoader, eval_batches
 from bmojo.data.mqar import prepare_mqar
 from bmojo.data.packing import PackedData, pack_documents
+from bmojo.data.prepared import TokenBlocks, open_prepared
+from bmojo.data.shards import PrepareResult, prepare_folder
 from bmojo.data.tokenizer import END_OF_TEXT, build_tokenizer, byte_tokenizer, load_pretrained_tokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
@@ -23,13 +29,17 @@ __all__ = [
     "DataSource",
     "DataError",
     "PackedData",
+    "PrepareResult",
+    "TokenBlocks",
     "build_tokenizer",
     "byte_tokenizer",
     "eval_batches",
     "load_documents",
     "load_pretrained_tokenizer",
+    "open_prepared",
     "pack_documents",
     "prepare_data",
+    "prepare_folder",
     "stdlib_documents",
     "train_bpe",
 ]
@@ -38,9 +48,19 @@ __all__ = [
 def prepare_data(
     config: DataConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[PreTrainedTokenizerBase, PackedData]:
-    """Load, tokenize (training a tokenizer unless one is given) and pack the configured corpus."""
+    """Load, tokenize (training a tokenizer unless one is given) and pack the configured corpus; with
+    ``data.prepared``, open that folder's shards instead (nothing is tokenized)."""
     if config.source == DataSource.mqar:
         return prepare_mqar(config.mqar, config.seq_len, seed, tokenizer)
+    if config.prepared:
+        tokenizer, packed = open_prepared(config, seed, tokenizer)
+        logger.info(
+            "prepared folder %s: %s tokens, %d training blocks",
+            config.prepared,
+            f"{packed.tokens:,}",
+            len(packed.train),
+        )
+        return tokenizer, packed
     documents, report = load_documents(config, seed)
     logger.info("corpus: %s", report.summary())
     if tokenizer is None:

@@ -23,7 +23,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # files, folders or glob patterns (source=files)
     format: str | None = None  # text | json | parquet; None: from each file's suffix
     text_field: str = "text"  # column holding the text in jsonl / parquet / hub data
-    hub_name: str | None = None
+    hub_name: str | None = None  # a hub name, or a local folder of data files (offline)
     hub_config: str | None = None
     hub_split: str = "train"
     max_documents: int | None = None  # keep at most this many documents (a seeded sample)
@@ -35,4 +35,9 @@ class DataConfig:
     skip_bad_files: bool = False  # skip (and count) unreadable or non-UTF-8 files instead of failing
     shuffle: bool = True
     cache_dir: str | None = None  # datasets cache; None: the Hugging Face default
+    # A folder written by bmojo-prepare from this recipe: training memory-maps its token shards instead of
+    # tokenizing (every rank reads only its own blocks). None: tokenize at start-up.
+    prepared: str | None = None
+    streaming: bool = False  # source=hub only: stream the dataset, tokenize and pack on the fly, never download it all
+    stream_val_blocks: int = 64  # streaming: the held-out blocks, cut from the first documents of the stream
     mqar: MqarConfig = field(default_factory=MqarConfig)  # source=mqar only
