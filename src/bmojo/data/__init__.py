@@ -12,11 +12,12 @@ from transformers import PreTrainedTokenizerBase
 
 from bmojo.data.config import DataConfig, DataSource
 from bmojo.data.corpus import CorpusReport, DataError, load_documents, stdlib_documents
-from bmojo.data.loader import BlockLoader, eval_batches
+from bmojo.data.loader import BlockLoader, eval_batches, training_loader
 from bmojo.data.mqar import prepare_mqar
 from bmojo.data.packing import PackedData, pack_documents
 from bmojo.data.prepared import TokenBlocks, open_prepared
 from bmojo.data.shards import PrepareResult, prepare_folder
+from bmojo.data.streaming import StreamedBlocks, StreamLoader, open_stream
 from bmojo.data.tokenizer import END_OF_TEXT, build_tokenizer, byte_tokenizer, load_pretrained_tokenizer, train_bpe
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ __all__ = [
     "DataError",
     "PackedData",
     "PrepareResult",
+    "StreamLoader",
+    "StreamedBlocks",
     "TokenBlocks",
     "build_tokenizer",
     "byte_tokenizer",
@@ -37,11 +40,13 @@ __all__ = [
     "load_documents",
     "load_pretrained_tokenizer",
     "open_prepared",
+    "open_stream",
     "pack_documents",
     "prepare_data",
     "prepare_folder",
     "stdlib_documents",
     "train_bpe",
+    "training_loader",
 ]
 
 
@@ -49,9 +54,14 @@ def prepare_data(
     config: DataConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[PreTrainedTokenizerBase, PackedData]:
     """Load, tokenize (training a tokenizer unless one is given) and pack the configured corpus; with
-    ``data.prepared``, open that folder's shards instead (nothing is tokenized)."""
+    ``data.prepared``, open that folder's shards instead (nothing is tokenized); with ``data.streaming``, open
+    the stream (its training blocks are read as training goes)."""
     if config.source == DataSource.mqar:
         return prepare_mqar(config.mqar, config.seq_len, seed, tokenizer)
+    if config.streaming:
+        tokenizer, packed = open_stream(config, tokenizer)
+        logger.info("streaming %s: %d held-out blocks of %d", config.hub_name, len(packed.val), config.seq_len)
+        return tokenizer, packed
     if config.prepared:
         tokenizer, packed = open_prepared(config, seed, tokenizer)
         logger.info(

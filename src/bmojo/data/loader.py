@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 from bmojo.data.corpus import DataError
+from bmojo.data.packing import PackedData
+from bmojo.data.prepared import TokenBlocks
+from bmojo.data.streaming import StreamedBlocks, StreamLoader
 
 
 class BlockLoader:
@@ -22,7 +25,7 @@ class BlockLoader:
 
     def __init__(
         self,
-        blocks: datasets.Dataset,
+        blocks: datasets.Dataset | TokenBlocks,
         micro_batch_size: int,
         grad_accum_steps: int,
         seed: int,
@@ -77,6 +80,21 @@ class BlockLoader:
             )
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation(self.epoch)
+
+
+def training_loader(
+    data: PackedData,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    seed: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> BlockLoader | StreamLoader:
+    """The loader of ``data.train``: a :class:`StreamLoader` for a stream, else a :class:`BlockLoader`."""
+    if isinstance(data.train, StreamedBlocks):
+        return StreamLoader(data.train, micro_batch_size, grad_accum_steps, rank, world_size)
+    return BlockLoader(data.train, micro_batch_size, grad_accum_steps, seed, shuffle, rank, world_size)
 
 
 def eval_batches(

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bmojo import BmojoConfig, BmojoForCausalLM
-from bmojo.data import BlockLoader, DataError, PackedData, prepare_data
+from bmojo.data import DataError, DataSource, PackedData, prepare_data, prepare_folder, training_loader
+from bmojo.data.prepared import prepared_config
 from bmojo.parallel.checkpoint import LAYOUT_FILE
 from bmojo.parallel.setup import build_engine, layout_from_config
 from bmojo.train.checkpoint import (
@@ -47,6 +48,8 @@ from bmojo.train.schedule import lr_multiplier
 from bmojo.train.trainer import Trainer, TrainSummary, build_model, check_memory_reachable
 
 logger = logging.getLogger(__name__)
+
+PREPARED = "prepared"  # the run folder's token shards, when the recipe names no data.prepared
 
 
 def select_trainer(config: RunConfig) -> type[Trainer]:
@@ -148,8 +151,8 @@ class ParallelTrainer(Trainer):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.max_steps)
         )
-        self.loader = BlockLoader(
-            self.data.train,
+        self.loader = training_loader(
+            self.data,
             cfg.trainer.micro_batch_size,
             cfg.trainer.grad_accum_steps,
             cfg.seed,
@@ -204,19 +207,25 @@ class ParallelTrainer(Trainer):
         return box[0]
 
     def _prepare_data(self, tokenizer: PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, PackedData]:
-        """The data on every process; a tokenizer to be trained is trained by process 0 and shared, so every
-        process tokenizes alike (and a corpus to download is downloaded once)."""
+        """The data on every process, tokenized once: process 0 prepares a folder of token shards in the run
+        folder (training a tokenizer there if one is to be trained; a restart finds the folder done), the
+        others wait, then every process memory-maps it. A prepared folder, a stream and a synthetic task have
+        nothing to tokenize up front, so every process opens its own."""
         cfg = self.config
-        if tokenizer is not None:
+        if cfg.data.prepared or cfg.data.streaming or cfg.data.source == DataSource.mqar:
             return prepare_data(cfg.data, cfg.seed, tokenizer)
-        shared = self.run_dir / "tokenizer"
+        folder = self.run_dir / PREPARED
+        failure = None
         if self.is_main:
-            tokenizer, data = prepare_data(cfg.data, cfg.seed)
-            tokenizer.save_pretrained(str(shared))
-        dist.barrier(group=self.host_group)
-        if not self.is_main:
-            tokenizer, data = prepare_data(cfg.data, cfg.seed, AutoTokenizer.from_pretrained(str(shared)))
-        return tokenizer, data
+            try:
+                prepare_folder(cfg.data, cfg.seed, folder, tokenizer=tokenizer, progress=cfg.trainer.progress_bar)
+            except DataError as error:
+                failure = error
+        # Every process learns of process 0's failure, instead of waiting at a barrier it never reaches.
+        message = self._from_main(None if failure is None else str(failure))
+        if message is not None:
+            raise failure or DataError(message)
+        return prepare_data(prepared_config(cfg.data, folder), cfg.seed, tokenizer)
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> Path:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from bmojo import BmojoConfig, BmojoForCausalLM
-from bmojo.data import BlockLoader, PackedData, eval_batches, prepare_data
+from bmojo.data import PackedData, eval_batches, prepare_data, training_loader
 from bmojo.train.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -153,8 +153,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_multiplier(cfg.optim, cfg.trainer.max_steps)
         )
-        self.loader = BlockLoader(
-            self.data.train, cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps, cfg.seed, cfg.data.shuffle
+        self.loader = training_loader(
+            self.data, cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps, cfg.seed, cfg.data.shuffle
         )
         self.step = 0
         self.tokens_seen = 0
