@@ -158,6 +158,7 @@ def test_truncated_and_missing_shards_each_have_their_error_and_prepare_mends_th
     assert snapshot(folder) == whole
 
 
+@pytest.mark.slow
 def test_bmojo_prepare_then_train_equals_the_in_memory_run(jsonl_corpus, tmp_path, capsys):
     overrides = tiny_overrides(jsonl_corpus, tmp_path / "in_memory")
     train(compose_run_config(overrides))
