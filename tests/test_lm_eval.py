@@ -106,7 +106,7 @@ def test_lm_eval_command_line_scores_an_export_as_the_model_does(tmp_path):
 
     output = tmp_path / "results"
     command = [sys.executable, "-m", "lm_eval", "--model", "hf"]
-    command += ["--model_args", f"pretrained={folder},trust_remote_code=True", "--device", "cpu", "--batch_size", "1"]
+    command += ["--model_args", f"pretrained={folder},trust_remote_code=True", "--device", "cpu", "--batch_size", "2"]
     command += ["--tasks", "bmojo_choice,bmojo_generation", "--include_path", str(tasks)]
     command += ["--output_path", str(output), "--log_samples"]
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}

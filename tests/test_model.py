@@ -356,14 +356,6 @@ def test_invalid_config_names_the_field(overrides, field):
         tiny_config("B", **overrides)
 
 
-def test_padded_attention_mask_is_rejected_with_a_clear_error():
-    model = build(tiny_config("M"))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="padded batches are not supported"):
-        model(torch.zeros(2, 10, dtype=torch.long), attention_mask=mask)
-
-
 def test_model_gradients_agree_between_naive_and_torch_kernels():
     model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0)).train()
     ids = torch.randint(0, VOCAB, (2, 37))

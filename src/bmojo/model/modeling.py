@@ -21,6 +21,7 @@ from bmojo.model.attention import AttentionMixer, AttentionState
 from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 from bmojo.model.memory import InnovationPredictor
+from bmojo.model.padded_generation import LengthGroupedCache, forward_by_prompt_length
 
 
 class BmojoCache(Cache):
@@ -330,25 +331,26 @@ class BmojoModel(BmojoPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "padded batches are not supported: B'MOJO's recurrent state and eidetic memory would absorb the "
-                "padding. Pack sequences to equal length, or run prompts of different lengths separately."
-            )
         if output_attentions:
             raise ValueError(
                 "output_attentions is not supported: the attention runs fused over local, fading and memory keys "
                 "and keeps no attention weights"
             )
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if cache is not None and not isinstance(cache, BmojoCache):
+        if cache is not None and not isinstance(cache, BmojoCache | LengthGroupedCache):
             raise TypeError(f"cache must be a BmojoCache (from a previous output), got {type(cache).__name__}")
-        if use_cache and cache is None:
-            cache = BmojoCache(self.config)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         start = cache.seen_tokens if cache is not None else 0
         for name, positions in (("position_ids", position_ids), ("cache_position", cache_position)):
             _check_running_positions(name, positions, start, x.shape[1])
+        if isinstance(cache, LengthGroupedCache) or (attention_mask is not None and not bool(attention_mask.all())):
+            if isinstance(cache, BmojoCache):
+                if cache.seen_tokens:
+                    raise ValueError("a cache of unpadded rows cannot continue with padding (attention_mask zeros)")
+                cache = None  # an empty one: the padded prefill returns its own
+            return self._forward_left_padded(x, attention_mask, cache, use_cache, output_hidden_states)
+        if use_cache and cache is None:
+            cache = BmojoCache(self.config)
         aux_total = x.new_zeros((), dtype=torch.float32)
         all_hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
         if cache is not None and cache.seen_tokens:  # continuing: the recurrent form
@@ -374,6 +376,26 @@ class BmojoModel(BmojoPreTrainedModel):
             aux_loss=aux_total * self.config.aux_loss_weight,
             hidden_states=None if all_hidden is None else (*all_hidden, hidden),
         )
+
+    def _forward_left_padded(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: LengthGroupedCache | None,
+        use_cache: bool,
+        output_hidden_states: bool | None,
+    ) -> BmojoOutput:
+        """A left-padded batch x: [B, T, D] (or the continuation of one), each prompt length on its own
+        (:mod:`bmojo.model.padded_generation`); the hidden states at the padding are zero."""
+        if output_hidden_states:
+            raise ValueError("output_hidden_states is not supported for a padded batch; pass the rows unpadded")
+
+        def run(embeds: torch.Tensor, group_cache: BmojoCache | None, group_use_cache: bool):
+            out = self(inputs_embeds=embeds, cache=group_cache, use_cache=group_use_cache)
+            return out.last_hidden_state, out.aux_loss, out.cache
+
+        hidden, aux_loss, cache = forward_by_prompt_length(run, x, attention_mask, cache, use_cache)
+        return BmojoOutput(last_hidden_state=hidden, cache=cache if use_cache else None, aux_loss=aux_loss)
 
 
 def _check_running_positions(name: str, positions: torch.Tensor | None, start: int, length: int) -> None:
@@ -416,8 +438,8 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         self.model.compile_decoding(**compile_options)
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=None, attention_mask=None, **kwargs):
-        # The cache holds everything already seen, so only the unseen tail of input_ids is fed. The mask goes on
-        # so that forward refuses a padded batch rather than decode the padding as text.
+        # The cache holds everything already seen, so only the unseen tail of input_ids is fed. The mask goes on:
+        # a left-padded batch runs each prompt length on its own, so the padding never enters a state.
         if cache is not None and cache.seen_tokens:
             input_ids = input_ids[:, cache.seen_tokens :]
         return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
@@ -442,6 +464,11 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         Arguments the model cannot honour raise (see :meth:`BmojoModel.forward`); ``return_dict=False`` gives the
         output's fields as a tuple, as transformers models do.
         """
+        if labels is not None and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "labels with a padded batch are not supported: padding is for inference (generate, scoring); "
+                "train on packed sequences of equal length"
+            )
         out = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
