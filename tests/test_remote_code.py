@@ -64,6 +64,15 @@ def test_export_names_its_remote_modules_and_still_loads_after_import_bmojo(expo
         assert torch.equal(local(byte_tokenizer()(PROMPT, return_tensors="pt")["input_ids"]).logits, logits)
 
 
+def test_plain_save_pretrained_writes_the_same_remote_code_as_an_export(exported, tmp_path):
+    folder, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"] == AUTO_MAP
+    for name in REMOTE_CODE_FILES:
+        assert (tmp_path / "saved" / name).read_bytes() == (folder / name).read_bytes()
+
+
 def test_fresh_process_asks_for_trust_remote_code_then_loads_the_export_without_importing_bmojo(exported, tmp_path):
     folder, logits = exported
     script = f"""

@@ -22,6 +22,7 @@ from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 from bmojo.model.memory import InnovationPredictor
 from bmojo.model.padded_generation import LengthGroupedCache, forward_by_prompt_length
+from bmojo.remote import add_remote_code
 
 
 class BmojoCache(Cache):
@@ -216,6 +217,14 @@ class BmojoPreTrainedModel(PreTrainedModel):
             init.zeros_(module.conv1d.bias)
         if isinstance(module, RotaryEmbedding):
             init.copy_(module.inv_freq, module.frequencies())
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """``PreTrainedModel.save_pretrained``, plus the small remote-code modules ``config.json``'s ``auto_map``
+        names (:mod:`bmojo.remote`), so every saved folder loads with ``trust_remote_code=True`` where ``bmojo`` was
+        never imported."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            add_remote_code(save_directory)
 
     def auxiliary_parameter_names(self) -> set[str]:
         """Names of the parameters only an auxiliary loss trains (the innovation predictors of B layers): the

@@ -6,6 +6,8 @@ package's code (fixes included) and a process that never imported ``bmojo`` can 
 classes or any tool that loads models by path.
 """
 
+import json
+import shutil
 from pathlib import Path
 
 REMOTE_CODE_FOLDER = Path(__file__).parent
@@ -15,3 +17,14 @@ AUTO_MAP = {
     "AutoModel": "modeling_bmojo.BmojoModel",
     "AutoModelForCausalLM": "modeling_bmojo.BmojoForCausalLM",
 }
+
+
+def add_remote_code(folder: str | Path) -> None:
+    """Copy the remote-code modules into a saved model ``folder`` and point its config.json's ``auto_map`` at them."""
+    folder = Path(folder)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_FOLDER / name, folder / name)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = AUTO_MAP
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

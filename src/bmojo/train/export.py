@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from bmojo.remote import AUTO_MAP, REMOTE_CODE_FILES, REMOTE_CODE_FOLDER
 
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
@@ -23,23 +20,12 @@ def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out
     out_dir = Path(out_dir)
     temporary = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(str(temporary), safe_serialization=True)
+    model.save_pretrained(str(temporary), safe_serialization=True)  # with the remote-code modules
     tokenizer.save_pretrained(str(temporary))
-    add_remote_code(temporary)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(temporary, out_dir)
     return out_dir
-
-
-def add_remote_code(folder: Path) -> None:
-    """Copy the remote-code modules into a saved model ``folder`` and point its config.json's ``auto_map`` at them."""
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(REMOTE_CODE_FOLDER / name, folder / name)
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config["auto_map"] = AUTO_MAP
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
