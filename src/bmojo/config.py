@@ -11,6 +11,9 @@ LAYER_LETTERS = {
     "F": "B'MOJO-F (window + fading tokens)",
     "B": "B'MOJO (window + fading tokens + eidetic memory)",
 }
+# Which past tokens the in-storage memory of a B layer keeps: every one, or those whose innovation ratio passes
+# memory_threshold (the in-context memory's test without its per-block top-k and its size bound).
+STORE_RULES = ("all", "innovative")
 
 
 class BmojoConfig(PretrainedConfig):
@@ -56,6 +59,8 @@ class BmojoConfig(PretrainedConfig):
         aux_loss_weight: float = 0.1,
         tie_fading_proj: bool = True,
         memory_rope: bool = True,
+        store_topk: int = 0,
+        store_rule: str = "all",
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -97,6 +102,10 @@ class BmojoConfig(PretrainedConfig):
         self.aux_loss_weight = aux_loss_weight
         self.tie_fading_proj = tie_fading_proj
         self.memory_rope = memory_rope
+        # The in-storage eidetic memory (model/store.py): each query also reads the store_topk past tokens of
+        # finished blocks it scores highest; 0 = no store. store_rule: which tokens the store keeps.
+        self.store_topk = store_topk
+        self.store_rule = store_rule
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -181,5 +190,9 @@ class BmojoConfig(PretrainedConfig):
                     "innovation_rank",
                     f"must be None (full) or in [1, hidden_size], got {self.innovation_rank}",
                 )
+            if self.store_topk < 0:
+                fail("store_topk", f"must be >= 0 (0 = no in-storage memory), got {self.store_topk}")
+            if self.store_rule not in STORE_RULES:
+                fail("store_rule", f"must be one of {', '.join(STORE_RULES)}, got {self.store_rule!r}")
             if self.aux_loss_weight < 0:
                 fail("aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")

@@ -19,6 +19,7 @@ from bmojo.config import BmojoConfig
 from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, mark_init
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 from bmojo.model.memory import InnovationPredictor, MemoryFIFO, innovation_ratio, innovation_scores, select_memory
+from bmojo.model.store import TokenStore, retrieve_parallel
 from bmojo.ops import bmojo_attention, eidetic_gather
 
 # Decoding computes RoPE tables this many positions at a time and slices one per token.
@@ -35,7 +36,8 @@ class AttentionState:
     more each token. Windowed letters: [B, Hkv, S, Dh], S fixed slots laid out [local ring (R) | fading (w) |
     memory (M)]: local keys of the last ``R`` positions at slot ``p % R`` (R = w, or the memory block if longer,
     so a finished block's keys are still there); fading keys of positions [t-2w+1, t-w] at slot ``p % w``; the
-    eidetic memory's entries in :class:`MemoryFIFO` order (their keys not rotated where ``memory_rope`` is off).
+    eidetic memory's entries in :class:`MemoryFIFO` order (their keys not rotated where ``memory_rope`` is off),
+    then, with an in-storage memory, the ``store_topk`` entries the last query retrieved from ``store``.
     mask: [B, 1, 1, S] additive (0 or -inf), which slots the last query saw; pending_*: [B, Hkv, w, Dh] fading
     keys of the last ``w`` positions at slot ``p % w``, waiting to fall behind the window; ssm: the inner SSM's
     state; prev_s: [B, 1, D] last SSM output; block_scores: [B, Q_e] innovation ratios of the unfinished memory
@@ -57,6 +59,7 @@ class AttentionState:
     memory_reveal: torch.Tensor | None = None
     next_reveal: int = NEVER
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    store: TokenStore | None = None
 
 
 class AttentionMixer(nn.Module):
@@ -97,10 +100,13 @@ class AttentionMixer(nn.Module):
             self.memory_block = config.memory_block
             self.memory_threshold = config.memory_threshold
             self.innovation_eps = config.innovation_eps
+            self.store_topk = config.store_topk
+            self.store_rule = config.store_rule
         if self.window is not None:
             # Decode buffer layout (AttentionState): local ring, fading slots, memory slots.
             self.ring = max(self.window, self.memory_block) if self.predictor is not None else self.window
             self.memory_start = self.ring + (self.window if self.ssm is not None else 0)
+            self.store_start = self.memory_start + (self.memory_size if self.predictor is not None else 0)
             # From this position on every slot is visible (W, F), so the decode attention needs no mask.
             self.unmasked_from = None if self.predictor is not None else self.memory_start - 1
 
@@ -159,17 +165,24 @@ class AttentionMixer(nn.Module):
             memory_k = k if self.memory_rope else unrotated_k
             if not self.memory_rope:
                 extra["mem_q"] = unrotated_q
-            gathered_k, gathered_v = (
-                eidetic_gather(t.flatten(2), mem_pos.flatten(1)).view(*mem_pos.shape, *t.shape[2:])
-                for t in (memory_k, v)
-            )
-            extra.update(
+            gathered_k, gathered_v = gather_entries((memory_k, v), mem_pos)
+            memory = dict(
                 mem_k=gathered_k[:, :num_blocks],
                 mem_v=gathered_v[:, :num_blocks],
                 mem_pos=mem_pos[:, :num_blocks],
                 mem_valid=mem_valid[:, :num_blocks],
                 mem_block=self.memory_block,
             )
+            storable = None if self.store_rule == "all" else iota > self.memory_threshold
+            if self.store_topk:
+                memory = self._with_store(memory, extra.get("mem_q", q), memory_k, v, storable)
+            extra.update(memory)
+            if state is not None and self.store_topk:
+                finished = (length // self.memory_block) * self.memory_block
+                state.store = TokenStore.empty(k, batch, k.shape[2], k.shape[3])
+                kept = torch.ones_like(iota[:, :finished], dtype=torch.bool) if storable is None else storable
+                stored = [t[:, :finished].transpose(1, 2) for t in (memory_k, v)]
+                state.store.append(*stored, torch.arange(finished, device=k.device), kept[:, :finished])
             if state is not None:
                 current = length // self.memory_block
                 state.block_scores = iota.new_zeros(batch, self.memory_block)
@@ -179,13 +192,45 @@ class AttentionMixer(nn.Module):
         out = bmojo_attention(q, k, v, window=self.window, **extra)
         return self.o_proj(out.flatten(2)), aux, state
 
+    def _with_store(
+        self,
+        memory: dict,
+        query: torch.Tensor,
+        memory_k: torch.Tensor,
+        v: torch.Tensor,
+        storable: torch.Tensor | None,
+    ) -> dict:
+        """The op's memory arguments with each query's store retrieval beside its block's in-context memory.
+
+        memory: the per-block ``mem_*`` arguments ([B, NB, M, ...]); query: [B, T, Hq, Dh] as it scores memory
+        keys; memory_k, v: [B, T, Hkv, Dh]; storable: [B, T] or None. Retrieval is per query, so the result is per
+        query too (``mem_block`` 1, [B, T, M + r, ...]): the block's memory repeated for each of its queries.
+        """
+        length = memory_k.shape[1]
+        positions, valid = retrieve_parallel(
+            query,
+            memory_k,
+            storable,
+            memory["mem_pos"],
+            memory["mem_valid"],
+            block=self.memory_block,
+            window=self.window,
+            topk=self.store_topk,
+        )
+        retrieved_k, retrieved_v = gather_entries((memory_k, v), positions)
+        retrieved = {"mem_k": retrieved_k, "mem_v": retrieved_v, "mem_pos": positions, "mem_valid": valid}
+        return {
+            name: torch.cat([memory[name].repeat_interleave(self.memory_block, dim=1)[:, :length], extra], dim=2)
+            for name, extra in retrieved.items()
+        } | {"mem_block": 1}
+
     def _new_state(self, k: torch.Tensor, v: torch.Tensor) -> AttentionState:
         """Decode state after a prefill of keys/values k, v: [B, T, Hkv, Dh]; fading and memory parts zero."""
         if self.window is None:  # head-major, as the SDPA call reads it (and as a Hugging Face cache holds it)
             rope = self._rope_block(k.shape[1], k.device)
             return AttentionState(keys=k.transpose(1, 2).contiguous(), values=v.transpose(1, 2).contiguous(), rope=rope)
         batch, length, heads, dim = k.shape
-        size = self.memory_start + (self.memory_size if self.predictor is not None else 0)
+        size = self.store_start + (self.store_topk if self.predictor is not None else 0)
         state = AttentionState(
             keys=k.new_zeros(batch, heads, size, dim),
             values=v.new_zeros(batch, heads, size, dim),
@@ -220,8 +265,8 @@ class AttentionMixer(nn.Module):
     ) -> None:
         """The memory (keys/values [B, M, Hkv, Dh]) a decode continues from, as the query at ``position`` saw it."""
         state.memory = memory
-        state.keys[:, :, self.memory_start :] = keys.transpose(1, 2)
-        state.values[:, :, self.memory_start :] = values.transpose(1, 2)
+        state.keys[:, :, self.memory_start : self.store_start] = keys.transpose(1, 2)
+        state.values[:, :, self.memory_start : self.store_start] = values.transpose(1, 2)
         state.memory_reveal = torch.empty_like(memory.positions)[:, None, None]
         self._reset_memory_mask(state, position)
 
@@ -229,7 +274,7 @@ class AttentionMixer(nn.Module):
         """Recompute, after the memory changed, when each memory slot may be read, and the mask for ``position``."""
         memory = state.memory
         state.memory_reveal.copy_((memory.positions + self.window).masked_fill(~memory.valid, NEVER)[:, None, None])
-        state.mask[..., self.memory_start :] = float("-inf")
+        state.mask[..., self.memory_start : self.store_start] = float("-inf")
         self._reveal_memory(state, position)
 
     def _reveal_memory(self, state: AttentionState, position: int) -> None:
@@ -238,7 +283,7 @@ class AttentionMixer(nn.Module):
         Between pushes entries only become readable, at known positions, so tokens in between change nothing.
         """
         readable = state.memory_reveal <= position
-        state.mask[..., self.memory_start :].masked_fill_(readable, 0.0)
+        state.mask[..., self.memory_start : self.store_start].masked_fill_(readable, 0.0)
         state.next_reveal = int(state.memory_reveal.masked_fill(readable, NEVER).min())
 
     def before_token(self, position: int, state: AttentionState) -> None:
@@ -297,6 +342,8 @@ class AttentionMixer(nn.Module):
             ratio = innovation_ratio(self.predictor, h, state.prev_s, self.innovation_eps)
             state.block_scores[:, slot : slot + 1] = ratio
             state.prev_s = s
+        if self.predictor is not None and self.store_topk:
+            self._retrieve(state, query if memory_query is None else memory_query, position)
         # Once every slot is visible the mask can be left out; a compiled step keeps it, since the switch would
         # compile the step again for each range of positions.
         full = not torch.compiler.is_compiling() and self.unmasked_from is not None and position >= self.unmasked_from
@@ -306,6 +353,15 @@ class AttentionMixer(nn.Module):
         else:
             out = self._attend_with_own_queries(query, fading_query, memory_query, state.keys, state.values, mask)
         return self.o_proj(out.reshape(h.shape[0], 1, -1))
+
+    def _retrieve(self, state: AttentionState, query: torch.Tensor, position: int) -> None:
+        """The store entries the query [B, Hkv, G, Dh] at ``position`` retrieves, into the buffer's store slots."""
+        keys, values, valid = state.store.retrieve(
+            query, position, self.window, state.memory.positions, state.memory.valid, self.store_topk
+        )
+        state.keys[:, :, self.store_start :] = keys
+        state.values[:, :, self.store_start :] = values
+        state.mask[..., self.store_start :] = torch.where(valid, 0.0, float("-inf"))[:, None, None]
 
     def _attend_with_own_queries(
         self,
@@ -423,9 +479,21 @@ class AttentionMixer(nn.Module):
             topk=self.memory_topk,
             threshold=self.memory_threshold,
             block_entries=(block_keys, block_values),
-            entries=(state.keys[:, :, self.memory_start :], state.values[:, :, self.memory_start :]),
+            entries=tuple(t[:, :, self.memory_start : self.store_start] for t in (state.keys, state.values)),
         )
+        if self.store_topk:
+            kept = torch.ones_like(state.block_scores, dtype=torch.bool)
+            if self.store_rule == "innovative":
+                kept = state.block_scores > self.memory_threshold
+            state.store.append(block_keys, block_values, positions, kept)
         self._reset_memory_mask(state, position)
+
+
+def gather_entries(sources: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The entries at ``positions`` [B, ...] (any index layout) of each source [B, T, Hkv, Dh] -> [B, ..., Hkv, Dh]."""
+    return tuple(
+        eidetic_gather(t.flatten(2), positions.flatten(1)).view(*positions.shape, *t.shape[2:]) for t in sources
+    )
 
 
 def ring_write(ring: torch.Tensor, source: torch.Tensor, lo: int, hi: int) -> None:

@@ -274,6 +274,11 @@ class BmojoModel(BmojoPreTrainedModel):
         lcm(window, memory block) tokens) and then none; a new batch size compiles again. ``compile_options`` go
         to ``torch.compile`` (``fullgraph=True`` unless given). Outputs match eager decoding's to rounding.
         """
+        if self.config.store_topk and "B" in self.config.layer_letters:
+            raise ValueError(
+                "compile_decoding does not support the in-storage memory (store_topk > 0): the store grows every "
+                "memory block, and a compiled step needs fixed shapes; decode eagerly"
+            )
         # Compiled code is cached per code object, and the number of variants kept per code object is capped
         # (torch._dynamo.config.recompile_limit): a copy of token_step's code gives this model its own cache,
         # so models of other sizes in the same process do not crowd it out.

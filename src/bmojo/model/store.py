@@ -1,0 +1,127 @@
+"""In-storage eidetic memory of a B layer (DESIGN §2.4b): past tokens beyond the window and the in-context memory,
+read by content.
+
+The store holds the keys and values of the tokens of finished memory blocks (all of them, or the innovative
+ones: ``store_rule``). It is written when a block finishes, so a query reads only what earlier blocks wrote,
+as an asynchronously updated index would serve it. Each query retrieves the ``r`` entries it scores highest
+(``q·k`` summed over the query heads: one choice for all heads, as the in-context memory's), leaving out the
+entries still inside its window and those the in-context memory already holds; the retrieved keys and values
+join the one softmax beside the memory entries. The choice is not differentiated; gradients reach the
+retrieved keys and values.
+
+:func:`retrieve_parallel` is the static-shaped training form (a dense ``[T, T]`` score, no gradient, ``r`` slots a
+query with a validity mask); :class:`TokenStore` is the decoding form, a store without a fixed bound that grows
+by one block at a time. Tests hold the two to the same choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def summed_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The retrieval query: the query heads of each key head summed, so one dot product with a key [Hkv, Dh]
+    is the score summed over all query heads. query: [..., Hq, Dh] -> [..., Hkv, Dh] fp32."""
+    return query.float().unflatten(-2, (kv_heads, -1)).sum(-2)
+
+
+@torch.no_grad()
+def retrieve_parallel(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    storable: torch.Tensor | None,
+    memory_positions: torch.Tensor,
+    memory_valid: torch.Tensor,
+    *,
+    block: int,
+    window: int,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each query retrieves from the store, in the parallel form.
+
+    query: [B, T, Hq, Dh] (as the memory keys are scored); keys: [B, T, Hkv, Dh] the memory keys of every
+    position; storable: [B, T] bool, the tokens the store keeps (None: all); memory_positions, memory_valid:
+    [B, NB, M] the in-context memory of each query block. Query ``t`` may retrieve position ``p`` when ``p`` is in
+    a block before its own, behind its window (``p < t - w + 1``), storable, and not in its block's memory.
+    Returns (positions: [B, T, r] int64, highest score first, valid: [B, T, r] bool).
+    """
+    batch, length = keys.shape[:2]
+    scores = torch.einsum("bthd,bphd->btp", summed_query(query, keys.shape[2]), keys.float())
+    t = torch.arange(length, device=keys.device)[:, None]
+    p = torch.arange(length, device=keys.device)[None, :]
+    allowed = (p < (t // block) * block) & (p < t - window + 1)  # [T, T]
+    # The in-context memory of each query block as a [B, NB, T] membership map, read by each query's block.
+    held = torch.zeros(batch, memory_positions.shape[1], length + 1, dtype=torch.bool, device=keys.device)
+    held.scatter_(2, torch.where(memory_valid, memory_positions, length), True)
+    allowed = allowed & ~held[:, t[:, 0] // block, :length]
+    if storable is not None:
+        allowed = allowed & storable[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return _top(scores, topk)
+
+
+def _top(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``topk`` highest of scores [..., N] (fewer entries are padded invalid): (indices, valid) [..., topk]."""
+    count = min(topk, scores.shape[-1])
+    best = scores.topk(count, dim=-1)
+    indices, valid = best.indices, torch.isfinite(best.values)
+    if count < topk:
+        pad = (*scores.shape[:-1], topk - count)
+        indices = torch.cat([indices, indices.new_zeros(pad)], dim=-1)
+        valid = torch.cat([valid, valid.new_zeros(pad)], dim=-1)
+    return indices, valid
+
+
+@dataclass
+class TokenStore:
+    """The decoding form of the store: every stored token's key, value and position, in position order.
+
+    keys, values: [B, Hkv, N, Dh]; positions: [B, N] int64; valid: [B, N] bool (rows keep the same N: a token a
+    row's rule did not keep is an invalid entry). N grows by one memory block each time a block finishes.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def empty(cls, like: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> TokenStore:
+        keys = like.new_zeros(batch, kv_heads, 0, head_dim)
+        positions = torch.zeros(batch, 0, dtype=torch.long, device=like.device)
+        return cls(keys, torch.zeros_like(keys), positions, torch.zeros_like(positions, dtype=torch.bool))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add tokens: keys, values [B, Hkv, n, Dh]; positions [n] or [B, n]; valid [B, n]."""
+        self.keys = torch.cat([self.keys, keys], dim=2)
+        self.values = torch.cat([self.values, values], dim=2)
+        self.positions = torch.cat([self.positions, positions.expand_as(valid)], dim=1)
+        self.valid = torch.cat([self.valid, valid], dim=1)
+
+    @torch.no_grad()
+    def retrieve(
+        self,
+        query: torch.Tensor,
+        position: int,
+        window: int,
+        memory_positions: torch.Tensor,
+        memory_valid: torch.Tensor,
+        topk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries the query at ``position`` retrieves, by :func:`retrieve_parallel`'s rule.
+
+        query: [B, Hkv, G, Dh] (the query heads grouped by key head); memory_positions, memory_valid: [B, M].
+        Returns (keys, values: [B, Hkv, r, Dh], valid: [B, r]).
+        """
+        batch, kv_heads, stored, head_dim = self.keys.shape
+        if stored == 0:
+            empty = self.keys.new_zeros(batch, kv_heads, topk, head_dim)
+            return empty, torch.zeros_like(empty), torch.zeros(batch, topk, dtype=torch.bool, device=empty.device)
+        scores = torch.einsum("bhd,bhnd->bn", query.float().sum(2), self.keys.float())
+        held = (self.positions[:, :, None] == memory_positions[:, None, :]) & memory_valid[:, None, :]
+        allowed = self.valid & (self.positions < position - window + 1) & ~held.any(-1)
+        indices, valid = _top(scores.masked_fill(~allowed, float("-inf")), topk)
+        gather = indices[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+        return self.keys.gather(2, gather), self.values.gather(2, gather), valid

@@ -1,0 +1,114 @@
+"""The in-storage eidetic memory of B layers (``store_topk``): its retrieval rule against a plain loop, the
+parallel form against token-by-token decoding, gradients through the retrieved entries on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import SEQ_LEN, VOCAB, build, case_id, tiny_config
+
+from bmojo.model.store import retrieve_parallel
+from bmojo.ops import set_default_backend
+
+
+def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk):
+    """The rule of ``retrieve_parallel`` written as loops: for each row and query, the scores of the positions it
+    may read (summed over query heads, each reading key head ``h // group``), best first."""
+    batch, length, query_heads, _ = query.shape
+    group = query_heads // keys.shape[2]
+    chosen = []
+    for b in range(batch):
+        rows = []
+        for t in range(length):
+            held = {
+                int(p) for p, ok in zip(memory_positions[b, t // block], memory_valid[b, t // block], strict=True) if ok
+            }
+            scored = []
+            for p in range(length):
+                if p >= (t // block) * block or p >= t - window + 1 or p in held or not storable[b, p]:
+                    continue
+                score = sum(float(query[b, t, h] @ keys[b, p, h // group]) for h in range(query_heads))
+                scored.append((score, p))
+            rows.append([p for _, p in sorted(scored, reverse=True)[:topk]])
+        chosen.append(rows)
+    return chosen
+
+
+def test_parallel_retrieval_follows_the_rule():
+    generator = torch.Generator().manual_seed(0)
+    batch, length, block, window, topk, slots = 2, 29, 5, 4, 3, 4
+    query = torch.randn(batch, length, 4, 8, generator=generator)
+    keys = torch.randn(batch, length, 2, 8, generator=generator)
+    storable = torch.rand(batch, length, generator=generator) > 0.3
+    blocks = -(-length // block)
+    memory_positions = torch.randint(0, length, (batch, blocks, slots), generator=generator)
+    memory_valid = torch.rand(batch, blocks, slots, generator=generator) > 0.5
+    positions, valid = retrieve_parallel(
+        query, keys, storable, memory_positions, memory_valid, block=block, window=window, topk=topk
+    )
+    expected = plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk)
+    for b in range(batch):
+        for t in range(length):
+            got = positions[b, t][valid[b, t]].tolist()
+            assert got == expected[b][t], (b, t)
+    assert bool(valid[:, -1].all()) and not bool(valid[:, :block].any())  # late queries fill r, the first block none
+
+
+# SEQ_LEN 45 with w = Q_e = 8: queries of blocks 2..5 read the store; r = 3, beside a memory of M = 6 that evicts.
+STORE_CASES = [
+    ("B", {"store_topk": 3, "memory_threshold": 0.0}),
+    ("B", {"store_topk": 3, "store_rule": "innovative", "memory_threshold": 1.0, "memory_block": 5}),
+    ("B", {"store_topk": 4, "memory_rope": False, "tie_fading_proj": False, "qk_norm": True}),
+    ("MB", {"store_topk": 2, "memory_block": 12, "memory_size": 4, "memory_threshold": 0.0}),
+]
+
+
+@pytest.mark.parametrize("pattern,overrides", STORE_CASES, ids=[case_id(*case) for case in STORE_CASES])
+def test_token_by_token_decoding_with_the_store_matches_parallel_forward(pattern, overrides):
+    model = build(tiny_config(pattern, **overrides))
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        without_store = build(tiny_config(pattern, **{**overrides, "store_topk": 0}))(ids).logits
+        cache, stepwise = None, []
+        for t in range(SEQ_LEN):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache, stepwise = out.cache, [*stepwise, out.logits]
+        prefill = model(ids[:, :21], use_cache=True)
+        cache, continued = prefill.cache, [prefill.logits]
+        for t in range(21, SEQ_LEN):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache, continued = out.cache, [*continued, out.logits]
+    torch.testing.assert_close(torch.cat(stepwise, 1), parallel, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(continued, 1), parallel, atol=1e-4, rtol=0)
+    assert not torch.allclose(parallel, without_store, atol=1e-3), "the store should change what late queries read"
+    store = next(state.store for state in cache.states if getattr(state, "store", None) is not None)
+    block = model.config.memory_block
+    assert store.positions.shape[1] == (SEQ_LEN // block) * block  # every finished block, no bound
+
+
+def test_gradients_through_the_store_agree_between_naive_and_torch_kernels():
+    model = build(tiny_config("FB", layers=2, store_topk=3, memory_threshold=0.0)).train()
+    ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for backend in ("naive", "torch"):
+        set_default_backend(backend)
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            results[backend] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        finally:
+            set_default_backend("auto")
+    torch.testing.assert_close(results["torch"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["naive"][1].items():
+        torch.testing.assert_close(results["torch"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_store_settings_are_checked_and_compiled_decoding_refuses_the_store():
+    with pytest.raises(ValueError, match="BmojoConfig.store_rule"):
+        tiny_config("B", store_rule="recent")
+    with pytest.raises(ValueError, match="BmojoConfig.store_topk"):
+        tiny_config("B", store_topk=-1)
+    with pytest.raises(ValueError, match="in-storage memory"):
+        build(tiny_config("B", store_topk=2)).compile_decoding()
