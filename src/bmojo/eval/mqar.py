@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bmojo.data.mqar import IGNORE_INDEX, MqarConfig, MqarLayout, generate_examples, mqar_labels
+from bmojo.data.mqar import IGNORE_INDEX, MqarConfig, MqarLayout, answer_labels, generate
 from bmojo.model.attention import AttentionMixer
 from bmojo.model.memory import innovation_scores, select_memory
 
@@ -83,7 +83,8 @@ def evaluate_mqar(
 ) -> MqarResult:
     """Recall accuracy on ``examples`` fresh MQAR examples (a seed stream training never saw)."""
     layout = MqarLayout(config, seq_len)
-    ids = torch.as_tensor(generate_examples(layout, examples, seed + TEST_SEED_OFFSET))
+    generated = generate(layout, examples, seed + TEST_SEED_OFFSET)
+    ids, answers = torch.as_tensor(generated.ids), answer_labels(layout, generated)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -92,7 +93,7 @@ def evaluate_mqar(
     in_memory = [0] * len(probe.mixers)
     try:
         for batch in ids.to(device).split(batch_size):
-            labels = mqar_labels(layout, batch)
+            labels = answers(batch)
             logits = model(batch).logits
             answered = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: logits at t predict labels at t+1
             correct += int((logits[:, :-1].argmax(-1) == labels[:, 1:])[answered].sum())
