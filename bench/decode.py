@@ -7,7 +7,9 @@ tokens with the parallel form, then decodes ``--tokens`` tokens one at a time fr
 of one decode step (all sequences of the batch) is reported with the cache size after the prefill (bytes of
 every tensor the cache holds). Members alternate token by token so a slow spell of a shared machine hits them
 alike. ``--compile`` decodes every member through its compiled step (``compile_decoding``); the variants it
-compiles in its first tokens are left out of the timing by ``--warmup`` tokens first.
+compiles in its first tokens are left out of the timing by ``--warmup`` tokens first. ``--store-topk R`` adds
+``B+store``: B with an in-storage memory that each query reads ``R`` entries from (no parameters of its own; its
+store grows with the context, and it decodes eagerly).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bmojo import BmojoForCausalLM
+from bmojo import BmojoConfig, BmojoForCausalLM
 from bmojo.eval.family import (
     FAMILY,
     add_run_arguments,
@@ -85,7 +87,7 @@ def build_models(args: argparse.Namespace, configs: dict) -> dict[str, BmojoForC
     for member, config in configs.items():
         torch.manual_seed(0)
         models[member] = BmojoForCausalLM(config).eval().to(args.device)
-        if args.compile:
+        if args.compile and not config.store_topk:  # the store needs eager steps
             models[member].compile_decoding()
     return models
 
@@ -112,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (ms is per step of all)")
     parser.add_argument("--compile", action="store_true", help="decode through compiled steps (compile_decoding)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed tokens first (default: 0, or 4 compiled)")
+    parser.add_argument("--store-topk", type=int, default=0, help="also time B with an in-storage memory (R > 0)")
     add_run_arguments(parser)
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup is None:
         args.warmup = 4 if args.compile else 0
     configs = family_configs(tuple(args.members), **size_fields(args))
+    if args.store_topk:
+        reference = configs.get("B") or family_configs(("B",), **size_fields(args))["B"]
+        configs["B+store"] = BmojoConfig(**{**reference.to_diff_dict(), "store_topk": args.store_topk})
     models = build_models(args, configs)
     results = []
     for context in args.contexts:

@@ -3,9 +3,12 @@
     python bench/mqar.py --members A W M MW F B --fillers periodic noise --pairs 8
     python bench/mqar.py --members B --pairs 4 8 12 --memory-sizes 24      # K against a fixed memory
     python bench/mqar.py --members B --pairs 8 --memory-sizes 8 16 24     # the memory against a fixed K
+    python bench/mqar.py --layout zoology --members A W M MW F B --pairs 8 --override data.seq_len=64
 
 Every point of the grid (member x filler x K x M) is one training run of ``experiment=mqar_<member>`` with
-those overrides (plus any ``--override``), in ``--runs/<point>``; its result is written to
+those overrides (plus any ``--override``), in ``--runs/<point>``. ``--layout zoology`` trains on Zoology's
+layout instead (``data=mqar_zoology``: random filler over the whole vocabulary, so ``--fillers`` does not apply
+and the points are named ``zoology``); its result is written to
 ``--runs/<point>.json`` as soon as it finishes, and points with a result are skipped, so an interrupted sweep
 resumes where it stopped and several sweeps can share one folder. After each point the results of the folder
 are gathered into ``--json`` (the input of ``bmojo-report``).
@@ -35,9 +38,10 @@ def point_name(member: str, filler: str, pairs: int, memory_size: int | None, ta
 def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, memory_size: int | None) -> dict:
     """Train one member at one grid point (``memory_size`` None: the member has no eidetic memory)."""
     run_dir = args.runs / point_name(member, filler, pairs, memory_size, args.tag)
+    data = ["data=mqar_zoology"] if args.layout == "zoology" else [f"data.mqar.filler={filler}"]
     overrides = [
         f"experiment=mqar_{member}",
-        f"data.mqar.filler={filler}",
+        *data,
         f"data.mqar.num_pairs={pairs}",
         *([f"model.memory_size={memory_size}"] if memory_size is not None else []),
         *args.override,
@@ -49,16 +53,20 @@ def run_point(args: argparse.Namespace, member: str, filler: str, pairs: int, me
     model, _ = load_model_and_tokenizer(run_dir)
     data = OmegaConf.to_object(config).data
     result = evaluate_mqar(model, data.mqar, data.seq_len, args.test_examples, seed=config.seed)
+    zoology = args.layout == "zoology"
     return {
         "member": member,
         "filler": filler,
         "variant": args.tag,
         "num_pairs": pairs,
-        "num_values": data.mqar.num_values,
+        # Zoology's values are the upper half of its vocabulary.
+        "num_values": data.mqar.vocab_size // 2 if zoology else data.mqar.num_values,
         "memory_size": memory_size,
+        "store_topk": model.config.store_topk,
         "seq_len": data.seq_len,
         "window": model.config.window_size,
-        "gap": data.mqar.gap,
+        "gap": None if zoology else data.mqar.gap,
+        "power_a": data.mqar.power_a if zoology else None,
         "steps": summary.step,
         **parameter_fields(model.config),
         "accuracy": result.accuracy,
@@ -88,6 +96,7 @@ def gather(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", nargs="+", default=list(FAMILY), choices=FAMILY)
+    parser.add_argument("--layout", default="gapped", choices=["gapped", "zoology"], help="the data layout")
     parser.add_argument("--fillers", nargs="+", default=["periodic"], choices=["periodic", "noise"])
     parser.add_argument("--pairs", type=int, nargs="+", default=[8], help="K values")
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[24], help="M values (B'MOJO only)")
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     register_configs()
     args.runs.mkdir(parents=True, exist_ok=True)
-    for filler in args.fillers:
+    for filler in ["zoology"] if args.layout == "zoology" else args.fillers:
         for pairs in args.pairs:
             for member in args.members:
                 # Only B'MOJO has an eidetic memory; the other members run once per (filler, K).

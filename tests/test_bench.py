@@ -44,6 +44,14 @@ def test_decode_cache_is_constant_for_bmojo_and_grows_for_the_transformer(tmp_pa
     assert report["batch"] == 2 and report["device"] == "cpu" and short["B"]["ms_per_token"] > 0
 
 
+def test_decode_with_the_store_grows_its_cache_with_the_context_at_bs_parameters(tmp_path):
+    # memory blocks of 16 (the window): a context of 80 has five finished blocks in the store, 40 two.
+    report = run(decode, tmp_path, "--contexts", "40", "80", "--tokens", "2", "--members", "B", "--store-topk", "4")
+    short, long = (result["members"] for result in report["results"])
+    assert long["B+store"]["cache_bytes"] > short["B+store"]["cache_bytes"] > short["B"]["cache_bytes"]
+    assert report["parameters"]["B+store"] == report["parameters"]["B"]
+
+
 def test_geometry_compares_each_member_against_its_first_geometry(tmp_path):
     out = tmp_path / "geometry.json"
     toy = ["--threads", "1", "--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--vocab-size", "64"]

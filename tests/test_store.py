@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_model import SEQ_LEN, VOCAB, build, case_id, tiny_config
 
+from bmojo.model import store
 from bmojo.model.store import retrieve_parallel
 from bmojo.ops import set_default_backend
 
@@ -34,7 +35,9 @@ def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block
     return chosen
 
 
-def test_parallel_retrieval_follows_the_rule():
+@pytest.mark.parametrize("query_chunk", [1024, 7], ids=["one_chunk", "chunks_of_7"])
+def test_parallel_retrieval_follows_the_rule(query_chunk, monkeypatch):
+    monkeypatch.setattr(store, "QUERY_CHUNK", query_chunk)
     generator = torch.Generator().manual_seed(0)
     batch, length, block, window, topk, slots = 2, 29, 5, 4, 3, 4
     query = torch.randn(batch, length, 4, 8, generator=generator)

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Queries whose retrieval scores the parallel form computes at once.
+QUERY_CHUNK = 1024
+
 
 def summed_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """The retrieval query: the query heads of each key head summed, so one dot product with a key [Hkv, Dh]
@@ -48,18 +51,21 @@ def retrieve_parallel(
     Returns (positions: [B, T, r] int64, highest score first, valid: [B, T, r] bool).
     """
     batch, length = keys.shape[:2]
-    scores = torch.einsum("bthd,bphd->btp", summed_query(query, keys.shape[2]), keys.float())
-    t = torch.arange(length, device=keys.device)[:, None]
-    p = torch.arange(length, device=keys.device)[None, :]
-    allowed = (p < (t // block) * block) & (p < t - window + 1)  # [T, T]
+    summed, keys32 = summed_query(query, keys.shape[2]), keys.float()
     # The in-context memory of each query block as a [B, NB, T] membership map, read by each query's block.
     held = torch.zeros(batch, memory_positions.shape[1], length + 1, dtype=torch.bool, device=keys.device)
     held.scatter_(2, torch.where(memory_valid, memory_positions, length), True)
-    allowed = allowed & ~held[:, t[:, 0] // block, :length]
-    if storable is not None:
-        allowed = allowed & storable[:, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return _top(scores, topk)
+    p = torch.arange(length, device=keys.device)[None, :]
+    chosen = []
+    # Queries a chunk at a time, so the scores take [B, chunk, T], not [B, T, T].
+    for start in range(0, length, QUERY_CHUNK):
+        t = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device)[:, None]
+        scores = torch.einsum("bthd,bphd->btp", summed[:, start : start + QUERY_CHUNK], keys32)
+        allowed = (p < (t // block) * block) & (p < t - window + 1) & ~held[:, t[:, 0] // block, :length]
+        if storable is not None:
+            allowed = allowed & storable[:, None, :]
+        chosen.append(_top(scores.masked_fill(~allowed, float("-inf")), topk))
+    return torch.cat([c[0] for c in chosen], dim=1), torch.cat([c[1] for c in chosen], dim=1)
 
 
 def _top(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,6 +82,8 @@ class ModelConfig:
     aux_loss_weight: float = 0.1
     tie_fading_proj: bool = True  # false: fading keys get their own query, key, value projections and QK-norms
     memory_rope: bool = True  # false: eidetic-memory keys without positional encoding
+    store_topk: int = 0  # entries each query of a B layer retrieves from the in-storage memory; 0 = none
+    store_rule: str = "all"  # which past tokens the store keeps: all | innovative
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
