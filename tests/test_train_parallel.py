@@ -25,6 +25,7 @@ from parallel import harness
 from transformers import AutoModelForCausalLM
 
 from bmojo import BmojoConfig, BmojoForCausalLM
+from bmojo.cli.prepare import main as prepare_main
 from bmojo.parallel.checkpoint import describe_layout, shard_file
 from bmojo.parallel.convert import full_model_state
 from bmojo.parallel.layout import Layout
@@ -89,12 +90,37 @@ def tensor_parallel(root) -> tuple[Path, subprocess.CompletedProcess]:
     return root / "tp", result
 
 
-@pytest.mark.distributed
-def test_data_parallel_run_equals_one_process_with_the_same_global_batch(root, one_process):
+@pytest.fixture(scope="module")
+def data_parallel(root) -> tuple[Path, subprocess.CompletedProcess]:
     result = launch(root, "dp", "parallel=dp", "trainer.micro_batch_size=2")
+    return root / "dp", result
+
+
+@pytest.mark.distributed
+def test_data_parallel_run_equals_one_process_with_the_same_global_batch(root, one_process, data_parallel):
+    _, result = data_parallel
     assert_same_run(root / "dp", one_process, TOLERANCE)
     assert result.stdout.count("run folder:") == 1  # process 0 alone reports
     assert records(root / "dp", "tokens") == records(one_process, "tokens")
+
+
+@pytest.mark.distributed
+def test_processes_tokenize_once_and_a_prepared_folder_resumes_exactly(root, data_parallel):
+    """Process 0 prepared the straight run's shards in its run folder (the in-memory blocks: that run equals one
+    process); a run on a bmojo-prepare folder, stopped and resumed, is that run bit for bit, and tokenizes nothing."""
+    straight, _ = data_parallel
+    assert (straight / "prepared" / "manifest.json").is_file()
+    folder = root / "shards"
+    overrides = [*tiny_overrides(root / "corpus.jsonl", root / "unused"), *STEPS, f"data.prepared={folder}"]
+    prepare_main(["--quiet", "--shard-documents", "1000", *overrides])
+    reading = ("parallel=dp", "trainer.micro_batch_size=2", f"data.prepared={folder}")
+    assert "stopped at step 2" in launch(root, "dp_prepared", *reading, "trainer.steps_this_run=2").stdout
+    launch(root, "dp_prepared", *reading)
+    resumed = root / "dp_prepared"
+    for key in ("loss", "aux_loss", "grad_norm", "tokens"):
+        assert records(resumed, key) == records(straight, key), key
+    assert records(resumed, "val_loss")[3] == records(straight, "val_loss")[3]
+    assert not (resumed / "prepared").exists()
 
 
 @pytest.mark.distributed

@@ -88,7 +88,9 @@ def _refuse_mismatch(folder: Path, found: dict, plan: dict) -> None:
 def _check_folder(folder: Path) -> dict | None:
     """The manifest or plan already in ``folder`` (None for a new or empty folder); refuses any other folder."""
     found = read_json(folder / MANIFEST) or read_json(folder / PLAN)
-    if found is None and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    # Hidden files are this module's temporary ones, left by a prepare stopped before its plan was written.
+    visible = folder.is_dir() and any(not path.name.startswith(".") for path in folder.iterdir())
+    if found is None and folder.exists() and (not folder.is_dir() or visible):
         raise DataError(f"{folder} exists and is not a prepared folder; pick a new or empty folder for data.prepared")
     return found
 
@@ -201,20 +203,20 @@ def prepare_folder(
     documents, report = load_documents(config, seed)
     logger.info("corpus: %s", report.summary())
     plan["documents"] = len(documents)
-    if found is not None:
-        _refuse_mismatch(folder, found, plan)
-        if not (folder / TOKENIZER).is_dir():
-            raise DataError(f"{folder}/{TOKENIZER} is missing, so its shards cannot be continued; prepare a new folder")
-        tokenizer = _same_tokenizer(load_pretrained_tokenizer(str(folder / TOKENIZER)), tokenizer, found, folder)
+    if found is not None and tokenizer is None and (folder / TOKENIZER).is_dir():
+        tokenizer = load_pretrained_tokenizer(str(folder / TOKENIZER))  # as the interrupted prepare trained it
     elif tokenizer is None:
         texts = (text for batch in documents.iter(batch_size=256) for text in batch["text"])
         tokenizer = build_tokenizer(config.tokenizer, texts, config.bpe_vocab_size)
     dtype = token_dtype(tokenizer)
     plan |= {"tokenizer": config.tokenizer, "tokenizer_hash": tokenizer_hash(tokenizer), "dtype": dtype.name}
+    if found is not None:
+        _refuse_mismatch(folder, found, plan)  # other documents, or another tokenizer than the folder's
     folder.mkdir(parents=True, exist_ok=True)
     if found is None:
-        _save_tokenizer(tokenizer, folder)
         write_json_atomically(folder / PLAN, plan)
+    if not (folder / TOKENIZER).is_dir():
+        _save_tokenizer(tokenizer, folder)
     shards = -(-len(documents) // shard_documents)
     manifest = read_json(folder / MANIFEST)  # a finished folder: only missing or damaged shards are redone
     done = {index: _shard_done(folder, index, dtype, manifest) for index in range(shards)}
@@ -240,12 +242,3 @@ def prepare_folder(
     for record_file in [folder / PLAN, *(folder / f"{shard_stem(index)}.json" for index in range(shards))]:
         record_file.unlink(missing_ok=True)  # the manifest holds every record now
     return PrepareResult(folder, len(documents), tokens, shards, len(todo), time.perf_counter() - started)
-
-
-def _same_tokenizer(
-    saved: PreTrainedTokenizerBase, given: PreTrainedTokenizerBase | None, plan: dict, folder: Path
-) -> PreTrainedTokenizerBase:
-    """The tokenizer an interrupted prepare saved; a different one given now is refused."""
-    if given is not None and tokenizer_hash(given) != plan["tokenizer_hash"]:
-        raise DataError(f"{folder} is being prepared with another tokenizer; prepare into a new folder")
-    return saved
