@@ -3,6 +3,9 @@ parallel form against token-by-token decoding, gradients through the retrieved e
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from test_model import SEQ_LEN, VOCAB, build, case_id, tiny_config
@@ -10,6 +13,16 @@ from test_model import SEQ_LEN, VOCAB, build, case_id, tiny_config
 from bmojo.model import store
 from bmojo.model.store import retrieve_parallel
 from bmojo.ops import set_default_backend
+
+
+def require_faiss() -> None:
+    """Skip the calling test without faiss, or fail under ``BMOJO_REQUIRE_REFERENCES=1`` (CI installs it)."""
+    if importlib.util.find_spec("faiss") is not None:
+        return
+    reason = "faiss is not installed (pip install -e '.[store]')"
+    if os.environ.get("BMOJO_REQUIRE_REFERENCES") == "1":
+        pytest.fail(f"{reason}, and BMOJO_REQUIRE_REFERENCES=1 requires it")
+    pytest.skip(reason)
 
 
 def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk):
@@ -109,9 +122,49 @@ def test_gradients_through_the_store_agree_between_naive_and_torch_kernels():
 
 
 def test_store_settings_are_checked_and_compiled_decoding_refuses_the_store():
+    with pytest.raises(ValueError, match="BmojoConfig.store_index"):
+        tiny_config("B", store_index="ivf")
     with pytest.raises(ValueError, match="BmojoConfig.store_rule"):
         tiny_config("B", store_rule="recent")
     with pytest.raises(ValueError, match="BmojoConfig.store_topk"):
         tiny_config("B", store_topk=-1)
     with pytest.raises(ValueError, match="in-storage memory"):
         build(tiny_config("B", store_topk=2)).compile_decoding()
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_decoding_through_a_faiss_index_retrieves_what_the_dense_score_does(index):
+    require_faiss()
+    overrides = dict(store_topk=3, memory_threshold=0.0, store_rule="innovative")
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for kind in ("dense", index):
+        # From 8 entries on (the first finished block) the index proposes the candidates.
+        model = build(tiny_config("B", store_index=kind, store_index_from=8, **overrides))
+        with torch.no_grad():
+            out = model(ids[:, :10], use_cache=True)
+            pieces = [out.logits]
+            for t in range(10, SEQ_LEN):
+                out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
+                pieces.append(out.logits)
+        logits[kind] = torch.cat(pieces, 1)
+        store = out.cache.states[0].store
+        assert (store.index is not None) == (kind != "dense")
+    # hnsw is approximate, but at a few dozen entries its graph search finds every neighbour.
+    torch.testing.assert_close(logits[index], logits["dense"], atol=1e-5, rtol=0)
+    assert int(store.index.indexes[0].ntotal) == int(store.valid[0].sum())
+
+
+def test_a_reordered_cache_builds_its_index_again():
+    require_faiss()
+    model = build(tiny_config("B", store_topk=3, store_index="flat", store_index_from=8))
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = model(ids[:, :30], use_cache=True)
+        out = model(ids[:, 30:31], cache=out.cache, use_cache=True)
+        first = out.cache.states[0].store.index
+        out.cache.reorder_cache(torch.tensor([1, 1]))  # both rows continue row 1
+        swapped = model(ids[1:2, 31:32].expand(2, 1), cache=out.cache, use_cache=True).logits
+        alone = model(ids[1:2, :32]).logits[:, -1:]
+    assert out.cache.states[0].store.index is not first
+    torch.testing.assert_close(swapped, alone.expand(2, 1, -1), atol=1e-4, rtol=0)

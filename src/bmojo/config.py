@@ -14,6 +14,9 @@ LAYER_LETTERS = {
 # Which past tokens the in-storage memory of a B layer keeps: every one, or those whose innovation ratio passes
 # memory_threshold (the in-context memory's test without its per-block top-k and its size bound).
 STORE_RULES = ("all", "innovative")
+# How a decoding store finds its candidates once it holds store_index_from entries: a dense score over all of
+# them, or a faiss index (flat: exact; hnsw: approximate, sublinear).
+STORE_INDEXES = ("dense", "flat", "hnsw")
 
 
 class BmojoConfig(PretrainedConfig):
@@ -61,6 +64,8 @@ class BmojoConfig(PretrainedConfig):
         memory_rope: bool = True,
         store_topk: int = 0,
         store_rule: str = "all",
+        store_index: str = "dense",
+        store_index_from: int = 65536,
         tie_word_embeddings: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -106,6 +111,8 @@ class BmojoConfig(PretrainedConfig):
         # finished blocks it scores highest; 0 = no store. store_rule: which tokens the store keeps.
         self.store_topk = store_topk
         self.store_rule = store_rule
+        self.store_index = store_index
+        self.store_index_from = store_index_from
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -194,5 +201,7 @@ class BmojoConfig(PretrainedConfig):
                 fail("store_topk", f"must be >= 0 (0 = no in-storage memory), got {self.store_topk}")
             if self.store_rule not in STORE_RULES:
                 fail("store_rule", f"must be one of {', '.join(STORE_RULES)}, got {self.store_rule!r}")
+            if self.store_index not in STORE_INDEXES:
+                fail("store_index", f"must be one of {', '.join(STORE_INDEXES)}, got {self.store_index!r}")
             if self.aux_loss_weight < 0:
                 fail("aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")

@@ -102,6 +102,7 @@ class AttentionMixer(nn.Module):
             self.innovation_eps = config.innovation_eps
             self.store_topk = config.store_topk
             self.store_rule = config.store_rule
+            self.store_index, self.store_index_from = config.store_index, config.store_index_from
         if self.window is not None:
             # Decode buffer layout (AttentionState): local ring, fading slots, memory slots.
             self.ring = max(self.window, self.memory_block) if self.predictor is not None else self.window
@@ -179,7 +180,9 @@ class AttentionMixer(nn.Module):
             extra.update(memory)
             if state is not None and self.store_topk:
                 finished = (length // self.memory_block) * self.memory_block
-                state.store = TokenStore.empty(k, batch, k.shape[2], k.shape[3])
+                state.store = TokenStore.empty(
+                    k, batch, k.shape[2], k.shape[3], self.store_index, self.store_index_from
+                )
                 kept = torch.ones_like(iota[:, :finished], dtype=torch.bool) if storable is None else storable
                 stored = [t[:, :finished].transpose(1, 2) for t in (memory_k, v)]
                 state.store.append(*stored, torch.arange(finished, device=k.device), kept[:, :finished])

@@ -16,9 +16,11 @@ by one block at a time. Tests hold the two to the same choices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from bmojo.model.store_index import RowIndexes
 
 # Queries whose retrieval scores the parallel form computes at once.
 QUERY_CHUNK = 1024
@@ -86,18 +88,28 @@ class TokenStore:
 
     keys, values: [B, Hkv, N, Dh]; positions: [B, N] int64; valid: [B, N] bool (rows keep the same N: a token a
     row's rule did not keep is an invalid entry). N grows by one memory block each time a block finishes.
+    From ``index_from`` entries on, ``index_kind`` ``flat`` or ``hnsw`` finds the candidates with a faiss index
+    (:mod:`bmojo.model.store_index`); ``index_rows`` [B] (the batch rows it was built for) follows the rows when a
+    cache reorders them, which tells the index to build itself again.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor
+    index_kind: str = "dense"
+    index_from: int = 0
+    index_rows: torch.Tensor | None = None
+    index: RowIndexes | None = field(default=None, repr=False)
 
     @classmethod
-    def empty(cls, like: torch.Tensor, batch: int, kv_heads: int, head_dim: int) -> TokenStore:
+    def empty(
+        cls, like: torch.Tensor, batch: int, kv_heads: int, head_dim: int, index_kind: str = "dense", index_from: int = 0
+    ) -> TokenStore:
         keys = like.new_zeros(batch, kv_heads, 0, head_dim)
         positions = torch.zeros(batch, 0, dtype=torch.long, device=like.device)
-        return cls(keys, torch.zeros_like(keys), positions, torch.zeros_like(positions, dtype=torch.bool))
+        valid = torch.zeros_like(positions, dtype=torch.bool)
+        return cls(keys, torch.zeros_like(keys), positions, valid, index_kind, index_from)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Add tokens: keys, values [B, Hkv, n, Dh]; positions [n] or [B, n]; valid [B, n]."""
@@ -125,9 +137,45 @@ class TokenStore:
         if stored == 0:
             empty = self.keys.new_zeros(batch, kv_heads, topk, head_dim)
             return empty, torch.zeros_like(empty), torch.zeros(batch, topk, dtype=torch.bool, device=empty.device)
-        scores = torch.einsum("bhd,bhnd->bn", query.float().sum(2), self.keys.float())
-        held = (self.positions[:, :, None] == memory_positions[:, None, :]) & memory_valid[:, None, :]
-        allowed = self.valid & (self.positions < position - window + 1) & ~held.any(-1)
-        indices, valid = _top(scores.masked_fill(~allowed, float("-inf")), topk)
-        gather = indices[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
+        summed = query.float().sum(2)  # [B, Hkv, Dh]
+        if self.index_kind != "dense" and stored >= self.index_from:
+            # Entries the rule leaves out (in the memory, inside the window) can outrank the ones it keeps, so
+            # the index is asked for that many more; the store then scores and filters them exactly.
+            candidates = self._candidates(summed, topk + memory_positions.shape[1] + window)
+            found = candidates >= 0
+            entries = candidates.clamp(min=0)
+            keys = self.keys.gather(2, entries[:, None, :, None].expand(-1, kv_heads, -1, head_dim))
+            scores = torch.einsum("bhd,bhnd->bn", summed, keys.float())
+            # The index holds kept entries only, so the store's own validity is already applied.
+            at = self.positions.gather(1, entries)
+            allowed = found & self._allowed(at, position, window, memory_positions, memory_valid)
+        else:
+            entries = None
+            scores = torch.einsum("bhd,bhnd->bn", summed, self.keys.float())
+            allowed = self.valid & self._allowed(self.positions, position, window, memory_positions, memory_valid)
+        best, valid = _top(scores.masked_fill(~allowed, float("-inf")), topk)
+        if entries is not None:
+            best = entries.gather(1, best)
+        gather = best[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
         return self.keys.gather(2, gather), self.values.gather(2, gather), valid
+
+    @staticmethod
+    def _allowed(
+        positions: torch.Tensor, position: int, window: int, memory_positions: torch.Tensor, memory_valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Which entries at ``positions`` [B, n] the query at ``position`` may read: behind its window and not in
+        the in-context memory (memory_positions, memory_valid: [B, M]) -> [B, n] bool."""
+        held = (positions[:, :, None] == memory_positions[:, None, :]) & memory_valid[:, None, :]
+        return (positions < position - window + 1) & ~held.any(-1)
+
+    def _candidates(self, summed: torch.Tensor, count: int) -> torch.Tensor:
+        """The index's ``count`` best entries for the query summed [B, Hkv, Dh]: [B, count], -1 for none."""
+        batch = self.keys.shape[0]
+        rows = torch.arange(batch, device=self.keys.device)
+        if self.index is None or self.index_rows is None or not torch.equal(self.index_rows, rows):
+            self.index = RowIndexes(self.index_kind, batch, self.keys.shape[1] * self.keys.shape[3])
+            self.index_rows = rows
+        if self.index.indexed < self.keys.shape[2]:
+            start = self.index.indexed
+            self.index.add(self.keys[:, :, start:], self.valid[:, start:])
+        return self.index.search(summed.flatten(1), count)

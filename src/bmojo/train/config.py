@@ -84,6 +84,8 @@ class ModelConfig:
     memory_rope: bool = True  # false: eidetic-memory keys without positional encoding
     store_topk: int = 0  # entries each query of a B layer retrieves from the in-storage memory; 0 = none
     store_rule: str = "all"  # which past tokens the store keeps: all | innovative
+    store_index: str = "dense"  # decoding: dense | flat | hnsw (faiss, from store_index_from entries on)
+    store_index_from: int = 65536
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
