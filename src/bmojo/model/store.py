@@ -104,7 +104,13 @@ class TokenStore:
 
     @classmethod
     def empty(
-        cls, like: torch.Tensor, batch: int, kv_heads: int, head_dim: int, index_kind: str = "dense", index_from: int = 0
+        cls,
+        like: torch.Tensor,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        index_kind: str = "dense",
+        index_from: int = 0,
     ) -> TokenStore:
         keys = like.new_zeros(batch, kv_heads, 0, head_dim)
         positions = torch.zeros(batch, 0, dtype=torch.long, device=like.device)
