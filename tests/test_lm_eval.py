@@ -9,7 +9,6 @@ a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optional_packages import require_package
 from test_remote_code import export_small_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,16 +31,6 @@ CHOICE_DOCS = [
 GENERATION_PROMPTS = ["the cat sees", "a small old"]
 MAX_NEW_TOKENS = 6
 STOP = "\n"
-
-
-def require_lm_eval() -> None:
-    """Skip the calling test when lm_eval is missing, or fail under ``BMOJO_REQUIRE_REFERENCES=1``."""
-    if importlib.util.find_spec("lm_eval") is not None:
-        return
-    reason = "lm_eval is not installed (pip install -e '.[eval]')"
-    if os.environ.get("BMOJO_REQUIRE_REFERENCES") == "1":
-        pytest.fail(f"{reason}, and BMOJO_REQUIRE_REFERENCES=1 requires it")
-    pytest.skip(reason)
 
 
 @torch.no_grad()
@@ -78,7 +68,7 @@ def read_samples(output: Path, task: str) -> list[dict]:
 
 
 def test_lm_eval_command_line_scores_an_export_as_the_model_does(tmp_path):
-    require_lm_eval()
+    require_package("lm_eval", "eval")
     folder = tmp_path / "export"
     model = export_small_model(folder)
     tokenizer = byte_tokenizer()

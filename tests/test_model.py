@@ -356,9 +356,8 @@ def test_invalid_config_names_the_field(overrides, field):
         tiny_config("B", **overrides)
 
 
-def test_model_gradients_agree_between_naive_and_torch_kernels():
-    model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0)).train()
-    ids = torch.randint(0, VOCAB, (2, 37))
+def assert_backends_agree_on_loss_and_gradients(model: BmojoForCausalLM, ids: torch.Tensor) -> None:
+    """The training loss of ``ids`` [B, T] and every parameter's gradient, naive kernels against torch's."""
     results = {}
     for backend in ("naive", "torch"):
         set_default_backend(backend)
@@ -372,3 +371,8 @@ def test_model_gradients_agree_between_naive_and_torch_kernels():
     torch.testing.assert_close(results["torch"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
     for name, grad in results["naive"][1].items():
         torch.testing.assert_close(results["torch"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_model_gradients_agree_between_naive_and_torch_kernels():
+    model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0)).train()
+    assert_backends_agree_on_loss_and_gradients(model, torch.randint(0, VOCAB, (2, 37)))

@@ -3,26 +3,13 @@ parallel form against token-by-token decoding, gradients through the retrieved e
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
-from test_model import SEQ_LEN, VOCAB, build, case_id, tiny_config
+from optional_packages import require_package
+from test_model import SEQ_LEN, VOCAB, assert_backends_agree_on_loss_and_gradients, build, case_id, tiny_config
 
 from bmojo.model import store
 from bmojo.model.store import retrieve_parallel
-from bmojo.ops import set_default_backend
-
-
-def require_faiss() -> None:
-    """Skip the calling test without faiss, or fail under ``BMOJO_REQUIRE_REFERENCES=1`` (CI installs it)."""
-    if importlib.util.find_spec("faiss") is not None:
-        return
-    reason = "faiss is not installed (pip install -e '.[store]')"
-    if os.environ.get("BMOJO_REQUIRE_REFERENCES") == "1":
-        pytest.fail(f"{reason}, and BMOJO_REQUIRE_REFERENCES=1 requires it")
-    pytest.skip(reason)
 
 
 def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk):
@@ -106,19 +93,7 @@ def test_token_by_token_decoding_with_the_store_matches_parallel_forward(pattern
 def test_gradients_through_the_store_agree_between_naive_and_torch_kernels():
     model = build(tiny_config("FB", layers=2, store_topk=3, memory_threshold=0.0)).train()
     ids = torch.randint(0, VOCAB, (2, 37), generator=torch.Generator().manual_seed(3))
-    results = {}
-    for backend in ("naive", "torch"):
-        set_default_backend(backend)
-        try:
-            model.zero_grad(set_to_none=True)
-            out = model(ids, labels=ids)
-            out.loss.backward()
-            results[backend] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-        finally:
-            set_default_backend("auto")
-    torch.testing.assert_close(results["torch"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
-    for name, grad in results["naive"][1].items():
-        torch.testing.assert_close(results["torch"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_backends_agree_on_loss_and_gradients(model, ids)
 
 
 def test_store_settings_are_checked_and_compiled_decoding_refuses_the_store():
@@ -134,7 +109,7 @@ def test_store_settings_are_checked_and_compiled_decoding_refuses_the_store():
 
 @pytest.mark.parametrize("index", ["flat", "hnsw"])
 def test_decoding_through_a_faiss_index_retrieves_what_the_dense_score_does(index):
-    require_faiss()
+    require_package("faiss", "store")
     overrides = dict(store_topk=3, memory_threshold=0.0, store_rule="innovative")
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(5))
     logits = {}
@@ -156,7 +131,7 @@ def test_decoding_through_a_faiss_index_retrieves_what_the_dense_score_does(inde
 
 
 def test_a_reordered_cache_builds_its_index_again():
-    require_faiss()
+    require_package("faiss", "store")
     model = build(tiny_config("B", store_topk=3, store_index="flat", store_index_from=8))
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from bmojo.config import BmojoConfig
@@ -22,50 +21,37 @@ from bmojo.model.layers import InitRole, RMSNorm, RotaryEmbedding, SwiGLU
 from bmojo.model.mamba2 import Mamba2Mixer, SSMState
 from bmojo.model.memory import InnovationPredictor
 from bmojo.model.padded_generation import LengthGroupedCache, forward_by_prompt_length
+from bmojo.model.row_cache import RowCache
 from bmojo.remote import add_remote_code
 
 
-class BmojoCache(Cache):
+class BmojoCache(RowCache):
     """Recurrent state of every layer (DESIGN §2.5); its size does not grow with the context for W, M, F, B.
 
     ``states[i]`` is an :class:`SSMState` (``M``) or an :class:`AttentionState` (other letters), filled by the
-    first forward that receives this cache.
+    first forward that receives this cache; every row of every layer's state follows its sequence.
     """
 
-    is_compileable = False
-
     def __init__(self, config: BmojoConfig):
-        super().__init__(layers=[])
+        super().__init__()
         self.states: list[SSMState | AttentionState | None] = [None] * config.num_hidden_layers
-        self.seen_tokens = 0
 
     def __repr__(self) -> str:
         return f"BmojoCache(seen_tokens={self.seen_tokens}, layers={len(self.states)})"
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
 
     @property
     def is_linear(self) -> list[bool]:
         return [True] * len(self.states)
 
-    # Generation strategies that reorder or repeat the sequences of a batch (beam search, contrastive search,
-    # assisted decoding) call these; every row of every layer's state follows its sequence.
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Row ``i`` of the batch continues the sequence that was row ``beam_idx[i]``."""
-        self._map_rows(lambda rows: rows.index_select(0, beam_idx.to(rows.device)))
+    def batch_size(self) -> int:
+        for state in self.states:
+            if state is not None:  # every field tensor of a state is batch-major
+                fields = (getattr(state, field.name) for field in dataclasses.fields(state))
+                return next(value for value in fields if isinstance(value, torch.Tensor)).shape[0]
+        return 0
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows ``indices`` of the batch, in that order."""
-        self._map_rows(lambda rows: rows.index_select(0, indices.to(rows.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every row of the batch ``repeats`` times in place (row ``i`` becomes rows ``i*repeats...``)."""
-        self._map_rows(lambda rows: rows.repeat_interleave(repeats, dim=0))
+    def _continue_rows(self, sources: torch.Tensor) -> None:
+        self._map_rows(lambda rows: rows.index_select(0, sources.to(rows.device)))
 
     def _map_rows(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for state in self.states:

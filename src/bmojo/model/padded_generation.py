@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache
+
+from bmojo.model.row_cache import RowCache
 
 # run(embeddings [g, L, D], the group's cache or None, use_cache) -> (hidden [g, L, D], aux loss, the group's cache)
-GroupRun = Callable[[torch.Tensor, Cache | None, bool], tuple[torch.Tensor, torch.Tensor, Cache | None]]
+GroupRun = Callable[[torch.Tensor, RowCache | None, bool], tuple[torch.Tensor, torch.Tensor, RowCache | None]]
 
 
 def left_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,44 +40,25 @@ def left_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
-class LengthGroupedCache(Cache):
+class LengthGroupedCache(RowCache):
     """Decoding state of a left-padded batch: for each prompt length, its rows of the batch and their own cache.
 
     ``seen_tokens`` counts the padded batch's positions (what ``generate`` has fed), padding included.
     """
 
-    is_compileable = False
-
-    def __init__(self, rows: list[torch.Tensor], caches: list[Cache], seen_tokens: int):
-        super().__init__(layers=[])
-        self.rows, self.caches, self.seen_tokens = rows, caches, seen_tokens
+    def __init__(self, rows: list[torch.Tensor], caches: list[RowCache], seen_tokens: int):
+        super().__init__(seen_tokens)
+        self.rows, self.caches = rows, caches
 
     def __repr__(self) -> str:
         return f"LengthGroupedCache(seen_tokens={self.seen_tokens}, groups={len(self.caches)})"
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
 
     @property
     def is_linear(self) -> list[bool]:
         return self.caches[0].is_linear
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Row ``i`` of the batch continues the sequence that was row ``beam_idx[i]``."""
-        self._continue_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the rows ``indices`` of the batch, in that order."""
-        self._continue_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every row of the batch ``repeats`` times in place (row ``i`` becomes rows ``i*repeats...``)."""
-        batch = sum(len(rows) for rows in self.rows)
-        self._continue_rows(torch.arange(batch).repeat_interleave(repeats))
+    def batch_size(self) -> int:
+        return sum(len(rows) for rows in self.rows)
 
     def _continue_rows(self, sources: torch.Tensor) -> None:
         """Row ``j`` of the new batch continues old row ``sources[j]``; each group keeps the rows that continue
