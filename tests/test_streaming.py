@@ -67,6 +67,24 @@ def test_ranks_stream_disjoint_documents(stream_folder):
         assert served == token_stream(texts[rank::2])[: 20 * SEQ_LEN]
 
 
+def test_no_rank_trains_on_held_out_rows_when_files_divide_among_ranks(tmp_path):
+    # Two files for two ranks: datasets gives each rank a whole file. Empty rows are rows the held-out part
+    # reads past too.
+    files = [["", "  ", *sentences(40, seed=3)], sentences(40, seed=4)]
+    for part, rows in enumerate(files):
+        (tmp_path / f"part{part}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    val_blocks = 16
+    _, data = prepare_data(stream_config(tmp_path, stream_val_blocks=val_blocks), seed=0)
+    texts = files[0][2:]
+    held_out = next(k for k in range(1, len(texts)) if len(token_stream(texts[:k])) >= val_blocks * SEQ_LEN)
+    assert held_out > 2 and data.train.skip_documents == held_out + 2  # the empty rows are counted
+    for rank, rest in enumerate([texts[held_out:], files[1][data.train.skip_documents :]]):
+        # rank 0 starts after the held-out rows; rank 1, whose file holds none, skips as many rows of its own
+        loader = StreamLoader(data.train, micro_batch_size=1, grad_accum_steps=1, rank=rank, world_size=2)
+        served = torch.cat([loader.next_step().reshape(-1) for _ in range(10)]).tolist()
+        assert served == token_stream(rest)[: 10 * SEQ_LEN]
+
+
 def test_the_stream_cursor_resumes_exactly_across_epochs(stream_folder):
     _, data = prepare_data(stream_config(stream_folder), seed=0)
     loader = StreamLoader(data.train, micro_batch_size=4, grad_accum_steps=2)

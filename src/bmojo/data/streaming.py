@@ -28,7 +28,7 @@ from bmojo.data.tokenizer import build_tokenizer
 
 @dataclass
 class StreamedBlocks:
-    """The training part of a stream: the documents after the first ``skip_documents`` (the held-out ones)."""
+    """The training part of a stream: the rows after the first ``skip_documents`` (the held-out ones)."""
 
     config: DataConfig
     tokenizer: PreTrainedTokenizerBase
@@ -50,12 +50,19 @@ def stream_documents(config: DataConfig) -> datasets.IterableDataset:
         ) from error
 
 
+def _text(row: dict, text_field: str) -> str | None:
+    """The row's text, None for an empty one (skipped, but still counted as a row read)."""
+    if text_field not in row:
+        raise DataError(f"the streamed dataset has no column {text_field!r}; columns: {list(row)}")
+    text = row[text_field]
+    return text if text and text.strip() else None
+
+
 def _texts(documents: Iterator[dict], text_field: str) -> Iterator[str]:
     for row in documents:
-        if text_field not in row:
-            raise DataError(f"the streamed dataset has no column {text_field!r}; columns: {list(row)}")
-        if row[text_field] and row[text_field].strip():
-            yield row[text_field]
+        text = _text(row, text_field)
+        if text is not None:
+            yield text
 
 
 def open_stream(
@@ -72,12 +79,14 @@ def open_stream(
         tokenizer = build_tokenizer(config.tokenizer, iter(()), config.bpe_vocab_size)
     wanted = config.stream_val_blocks * config.seq_len
     tokens: list[int] = []
-    read = 0
-    for text in _texts(iter(stream_documents(config)), config.text_field):
-        tokens.extend(tokenize_texts(tokenizer, [text])[0])
+    read = 0  # rows, empty ones included: training skips this many rows of the stream
+    for row in stream_documents(config):
         read += 1
-        if len(tokens) >= wanted:
-            break
+        text = _text(row, config.text_field)
+        if text is not None:
+            tokens.extend(tokenize_texts(tokenizer, [text])[0])
+            if len(tokens) >= wanted:
+                break
     if len(tokens) < wanted or config.stream_val_blocks < 1:
         raise DataError(
             f"the stream has {len(tokens)} tokens in all, too few for data.stream_val_blocks="
@@ -108,8 +117,13 @@ class StreamLoader:
         self.world_size = world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.seq_len = stream.config.seq_len
-        documents = stream_documents(stream.config).skip(stream.skip_documents)
-        self.documents = split_dataset_by_node(documents, rank=rank, world_size=world_size)
+        # Split, then skip: datasets applies a skip made after the split to each rank's part as it iterates. A
+        # rank given every world_size-th row (files not a multiple of the ranks) skips the held-out rows of the
+        # whole stream, then takes its rows; a rank given whole files skips the first rows of its own files, which
+        # hold every held-out row it has (ranks other than 0 thus skip a few training rows). Skipping before the
+        # split would instead divide the skip among the ranks' files, and rank 0 would train on held-out rows.
+        documents = split_dataset_by_node(stream_documents(stream.config), rank=rank, world_size=world_size)
+        self.documents = documents.skip(stream.skip_documents)
         self._start = copy.deepcopy(self.documents.state_dict())
         self.epoch = 0
         self._pending: list[int] = []  # tokens of documents read, not yet served
