@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import sentences, tiny_overrides
 
+import bmojo.data.prepared as prepared_module
 import bmojo.data.shards as shards_module
 from bmojo.cli.prepare import compose_run_config
 from bmojo.cli.prepare import main as prepare_main
@@ -89,6 +90,17 @@ def test_ranks_read_disjoint_blocks_and_only_the_shards_they_hold(corpus, tmp_pa
     _, fresh = open_prepared(replace(config, prepared=str(tmp_path / "folder")), SEED)
     fresh.train[[0]]
     assert list(fresh.train._mapped) == [0]
+
+
+def test_a_reader_keeps_a_bounded_number_of_shards_mapped(corpus, tmp_path, monkeypatch):
+    config = corpus_config(corpus, tokenizer="bytes", seq_len=64)
+    prepare(config, tmp_path / "folder")
+    _, data = open_prepared(replace(config, prepared=str(tmp_path / "folder")), SEED)
+    everything = all_rows(data.train)
+    monkeypatch.setattr(prepared_module, "MAX_MAPPED_SHARDS", 2)  # each mapped shard holds a file descriptor
+    _, bounded = open_prepared(replace(config, prepared=str(tmp_path / "folder")), SEED)
+    assert np.array_equal(all_rows(bounded.train), everything) and list(bounded.train._mapped) == [1, 2]
+    assert np.array_equal(bounded.train[[0]]["input_ids"], everything[:1]) and list(bounded.train._mapped) == [2, 0]
 
 
 def test_an_interrupted_prepare_continues_without_redoing_finished_shards(corpus, tmp_path, monkeypatch):

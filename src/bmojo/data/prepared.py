@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,9 @@ TOKENIZER = "tokenizer"
 HELD_OUT_RULE = "the first ceil(val_fraction * blocks) blocks of data.seq_len, at least one"
 # DataConfig fields the tokens do not depend on (how they are read, or where from).
 _READING_FIELDS = ("seq_len", "prepared", "streaming", "stream_val_blocks", "cache_dir", "mqar")
+# Each memory-mapped shard holds a file descriptor; a reader keeps at most this many mapped (the least recently
+# read is unmapped first), so a folder of thousands of shards stays under the usual limit of 1024 open files.
+MAX_MAPPED_SHARDS = 256
 
 
 def recipe_fields(config: DataConfig, seed: int) -> dict:
@@ -153,7 +157,7 @@ class TokenBlocks:
 
     ``starts`` (int64 ``[blocks]``) are offsets into the shards laid end to end (``shard_first`` int64
     ``[shards]`` is each shard's first offset); no block straddles two shards. A shard is mapped the first
-    time one of its blocks is read.
+    time one of its blocks is read; at most ``MAX_MAPPED_SHARDS`` stay mapped.
     """
 
     def __init__(
@@ -164,7 +168,7 @@ class TokenBlocks:
         self.dtype = dtype
         self.starts = starts
         self.seq_len = seq_len
-        self._mapped: dict[int, np.memmap] = {}
+        self._mapped: OrderedDict[int, np.memmap] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -179,7 +183,11 @@ class TokenBlocks:
         return {"input_ids": ids}
 
     def _shard(self, index: int) -> np.memmap:
-        if index not in self._mapped:
+        if index in self._mapped:
+            self._mapped.move_to_end(index)
+        else:
+            if len(self._mapped) >= MAX_MAPPED_SHARDS:
+                self._mapped.popitem(last=False)  # its mapping and descriptor go with the last reference
             self._mapped[index] = np.memmap(self.shard_paths[index], dtype=self.dtype, mode="r")
         return self._mapped[index]
 
