@@ -219,12 +219,14 @@ class ParallelTrainer(Trainer):
         if self.is_main:
             try:
                 prepare_folder(cfg.data, cfg.seed, folder, tokenizer=tokenizer, progress=cfg.trainer.progress_bar)
-            except DataError as error:
+            except Exception as error:  # any error (a full disk, a worker's crash), not only a DataError
                 failure = error
         # Every process learns of process 0's failure, instead of waiting at a barrier it never reaches.
         message = self._from_main(None if failure is None else str(failure))
         if message is not None:
-            raise failure or DataError(message)
+            if failure is not None:
+                raise failure
+            raise DataError(f"process 0 could not prepare {folder}: {message}")
         return prepare_data(prepared_config(cfg.data, folder), cfg.seed, tokenizer)
 
     # ---------------------------------------------------------------- checkpoints
