@@ -168,6 +168,12 @@ def test_truncated_and_missing_shards_each_have_their_error_and_prepare_mends_th
     assert snapshot(folder) == {**damaged, "shard_00001.tokens": whole["shard_00001.tokens"]}  # reads only
     assert prepare(config, folder).shards_written == 1
     assert snapshot(folder) == whole
+    lengths = folder / "shard_00000.docs.npy"
+    lengths.write_bytes(whole["shard_00000.docs.npy"][:-8])
+    with pytest.raises(DataError, match=r"shard_00000\.docs\.npy is truncated or damaged: it does not hold the 1,000"):
+        open_prepared(reading, SEED)
+    assert prepare(config, folder).shards_written == 1
+    assert snapshot(folder) == whole
 
 
 @pytest.mark.slow

@@ -137,6 +137,17 @@ def check_shards(folder: Path, manifest: dict) -> None:
                 )
 
 
+def document_lengths(folder: Path, shard: dict) -> np.ndarray | None:
+    """The shard's document lengths (``shard_XXXXX.docs.npy``), None when the file is missing, unreadable or
+    disagrees with the shard's record (its number of documents and tokens)."""
+    try:
+        lengths = np.load(folder / f"{shard['name']}.docs.npy")
+    except (OSError, ValueError, EOFError):
+        return None
+    whole = lengths.ndim == 1 and len(lengths) == shard["documents"] and int(lengths.sum()) == shard["tokens"]
+    return lengths if whole else None
+
+
 def block_starts(doc_lengths: np.ndarray, first_token: int, seq_len: int) -> np.ndarray:
     """Where each block of ``seq_len`` starts (offsets from the corpus's first token, int64 ``[blocks]``) in a
     shard whose documents have ``doc_lengths`` tokens and whose first token is ``first_token``.
@@ -213,12 +224,17 @@ def open_prepared(
         )
     shard_tokens = np.array([shard["tokens"] for shard in manifest["shards"]], dtype=np.int64)
     shard_first = np.cumsum(shard_tokens) - shard_tokens
-    starts = np.concatenate(
-        [
-            block_starts(np.load(folder / f"{shard['name']}.docs.npy"), int(first), config.seq_len)
-            for shard, first in zip(manifest["shards"], shard_first, strict=True)
-        ]
-    )
+    starts = []
+    for shard, first in zip(manifest["shards"], shard_first, strict=True):
+        lengths = document_lengths(folder, shard)
+        if lengths is None:
+            raise DataError(
+                f"{folder / shard['name']}.docs.npy is truncated or damaged: it does not hold the "
+                f"{shard['documents']:,} document lengths ({shard['tokens']:,} tokens) the manifest says; copy the "
+                "folder again, or rerun bmojo-prepare with the same overrides, which rewrites damaged shards"
+            )
+        starts.append(block_starts(lengths, int(first), config.seq_len))
+    starts = np.concatenate(starts)
     num_val = held_out_count(len(starts), int(shard_tokens.sum()), config.seq_len, config.val_fraction)
     paths = [folder / f"{shard['name']}.tokens" for shard in manifest["shards"]]
     dtype = np.dtype(manifest["dtype"])

@@ -34,6 +34,7 @@ from bmojo.data.prepared import (
     MANIFEST,
     PLAN,
     TOKENIZER,
+    document_lengths,
     read_json,
     recipe_differences,
     recipe_fields,
@@ -103,9 +104,9 @@ def _shard_done(folder: Path, index: int, dtype: np.dtype, manifest: dict | None
     else:
         record = read_json(folder / f"{shard_stem(index)}.json")
     tokens = folder / f"{shard_stem(index)}.tokens"
-    if record is None or not (folder / f"{shard_stem(index)}.docs.npy").is_file() or not tokens.is_file():
+    if record is None or not tokens.is_file() or tokens.stat().st_size != record["tokens"] * dtype.itemsize:
         return None
-    return record if tokens.stat().st_size == record["tokens"] * dtype.itemsize else None
+    return record if document_lengths(folder, record) is not None else None
 
 
 def _write_shard(index: int, report: Callable[[int, int], None] | None = None) -> dict:
