@@ -87,7 +87,7 @@ def test_token_by_token_decoding_with_the_store_matches_parallel_forward(pattern
     assert not torch.allclose(parallel, without_store, atol=1e-3), "the store should change what late queries read"
     store = next(state.store for state in cache.states if getattr(state, "store", None) is not None)
     block = model.config.memory_block
-    assert store.positions.shape[1] == (SEQ_LEN // block) * block  # every finished block, no bound
+    assert store.size == (SEQ_LEN // block) * block  # every finished block, no bound
 
 
 def test_gradients_through_the_store_agree_between_naive_and_torch_kernels():

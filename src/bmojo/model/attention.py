@@ -185,7 +185,7 @@ class AttentionMixer(nn.Module):
                 )
                 kept = torch.ones_like(iota[:, :finished], dtype=torch.bool) if storable is None else storable
                 stored = [t[:, :finished].transpose(1, 2) for t in (memory_k, v)]
-                state.store.append(*stored, torch.arange(finished, device=k.device), kept[:, :finished])
+                state.store.append(*stored, kept[:, :finished])
             if state is not None:
                 current = length // self.memory_block
                 state.block_scores = iota.new_zeros(batch, self.memory_block)
@@ -488,7 +488,7 @@ class AttentionMixer(nn.Module):
             kept = torch.ones_like(state.block_scores, dtype=torch.bool)
             if self.store_rule == "innovative":
                 kept = state.block_scores > self.memory_threshold
-            state.store.append(block_keys, block_values, positions, kept)
+            state.store.append(block_keys, block_values, kept)
         self._reset_memory_mask(state, position)
 
 

@@ -82,21 +82,27 @@ def _top(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return indices, valid
 
 
+def _scores(keys: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
+    """keys [B, Hkv, n, Dh] scored by the summed query [B, Hkv, Dh] -> [B, n] fp32. A batched matrix-vector
+    product reads the keys where they lie (a slice of the store's buffer), which einsum would copy first."""
+    return (keys.float() @ summed[..., None]).squeeze(-1).sum(1)
+
+
 @dataclass
 class TokenStore:
-    """The decoding form of the store: every stored token's key, value and position, in position order.
+    """The decoding form of the store: every token of the finished memory blocks, entry ``n`` being position ``n``.
 
-    keys, values: [B, Hkv, N, Dh]; positions: [B, N] int64; valid: [B, N] bool (rows keep the same N: a token a
-    row's rule did not keep is an invalid entry). N grows by one memory block each time a block finishes.
-    From ``index_from`` entries on, ``index_kind`` ``flat`` or ``hnsw`` finds the candidates with a faiss index
-    (:mod:`bmojo.model.store_index`); ``index_rows`` [B] (the batch rows it was built for) follows the rows when a
-    cache reorders them, which tells the index to build itself again.
+    keys, values: [B, Hkv, C, Dh] and valid: [B, C] bool, of which the first ``size`` entries are filled (a token
+    a row's rule did not keep is an invalid entry; the capacity C doubles when full, so a growing store is copied
+    O(log N) times, not once a block). From ``index_from`` entries on, ``index_kind`` ``flat`` or ``hnsw`` finds
+    the candidates with a faiss index (:mod:`bmojo.model.store_index`); ``index_rows`` [B] (the batch rows it was
+    built for) follows the rows when a cache reorders them, which tells the index to build itself again.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
-    positions: torch.Tensor
     valid: torch.Tensor
+    size: int = 0
     index_kind: str = "dense"
     index_from: int = 0
     index_rows: torch.Tensor | None = None
@@ -113,16 +119,24 @@ class TokenStore:
         index_from: int = 0,
     ) -> TokenStore:
         keys = like.new_zeros(batch, kv_heads, 0, head_dim)
-        positions = torch.zeros(batch, 0, dtype=torch.long, device=like.device)
-        valid = torch.zeros_like(positions, dtype=torch.bool)
-        return cls(keys, torch.zeros_like(keys), positions, valid, index_kind, index_from)
+        valid = torch.zeros(batch, 0, dtype=torch.bool, device=like.device)
+        return cls(keys, torch.zeros_like(keys), valid, 0, index_kind, index_from)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Add tokens: keys, values [B, Hkv, n, Dh]; positions [n] or [B, n]; valid [B, n]."""
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions.expand_as(valid)], dim=1)
-        self.valid = torch.cat([self.valid, valid], dim=1)
+    def append(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Add the next positions' tokens: keys, values [B, Hkv, n, Dh]; valid [B, n]."""
+        count = keys.shape[2]
+        if self.size + count > self.keys.shape[2]:
+            capacity = max(2 * self.keys.shape[2], self.size + count)
+            grown = [t.new_zeros(*t.shape[:2], capacity, t.shape[3]) for t in (self.keys, self.values)]
+            for new, old in zip(grown, (self.keys, self.values), strict=True):
+                new[:, :, : self.size] = old[:, :, : self.size]
+            kept = self.valid.new_zeros(self.valid.shape[0], capacity)
+            kept[:, : self.size] = self.valid[:, : self.size]
+            (self.keys, self.values), self.valid = grown, kept
+        self.keys[:, :, self.size : self.size + count] = keys
+        self.values[:, :, self.size : self.size + count] = values
+        self.valid[:, self.size : self.size + count] = valid
+        self.size += count
 
     @torch.no_grad()
     def retrieve(
@@ -139,40 +153,31 @@ class TokenStore:
         query: [B, Hkv, G, Dh] (the query heads grouped by key head); memory_positions, memory_valid: [B, M].
         Returns (keys, values: [B, Hkv, r, Dh], valid: [B, r]).
         """
-        batch, kv_heads, stored, head_dim = self.keys.shape
-        if stored == 0:
+        batch, kv_heads, _, head_dim = self.keys.shape
+        behind = min(self.size, position - window + 1)  # entries [0, behind) have left the query's window
+        if behind <= 0:
             empty = self.keys.new_zeros(batch, kv_heads, topk, head_dim)
             return empty, torch.zeros_like(empty), torch.zeros(batch, topk, dtype=torch.bool, device=empty.device)
+        # The in-context memory's positions (all of finished blocks, so inside the store) as a map over entries.
+        held = torch.zeros(batch, self.size + 1, dtype=torch.bool, device=self.keys.device)
+        held.scatter_(1, torch.where(memory_valid, memory_positions, self.size), True)
+        readable = self.valid[:, :behind] & ~held[:, :behind]
         summed = query.float().sum(2)  # [B, Hkv, Dh]
-        if self.index_kind != "dense" and stored >= self.index_from:
+        if self.index_kind != "dense" and self.size >= self.index_from:
             # Entries the rule leaves out (in the memory, inside the window) can outrank the ones it keeps, so
             # the index is asked for that many more; the store then scores and filters them exactly.
             candidates = self._candidates(summed, topk + memory_positions.shape[1] + window)
-            found = candidates >= 0
             entries = candidates.clamp(min=0)
-            keys = self.keys.gather(2, entries[:, None, :, None].expand(-1, kv_heads, -1, head_dim))
-            scores = torch.einsum("bhd,bhnd->bn", summed, keys.float())
-            # The index holds kept entries only, so the store's own validity is already applied.
-            at = self.positions.gather(1, entries)
-            allowed = found & self._allowed(at, position, window, memory_positions, memory_valid)
+            allowed = (candidates >= 0) & (entries < behind) & readable.gather(1, entries.clamp(max=behind - 1))
+            scores = _scores(self.keys.gather(2, entries[:, None, :, None].expand(-1, kv_heads, -1, head_dim)), summed)
         else:
-            entries = None
-            scores = torch.einsum("bhd,bhnd->bn", summed, self.keys.float())
-            allowed = self.valid & self._allowed(self.positions, position, window, memory_positions, memory_valid)
+            entries, allowed = None, readable
+            scores = _scores(self.keys[:, :, :behind], summed)
         best, valid = _top(scores.masked_fill(~allowed, float("-inf")), topk)
         if entries is not None:
             best = entries.gather(1, best)
         gather = best[:, None, :, None].expand(-1, kv_heads, -1, head_dim)
         return self.keys.gather(2, gather), self.values.gather(2, gather), valid
-
-    @staticmethod
-    def _allowed(
-        positions: torch.Tensor, position: int, window: int, memory_positions: torch.Tensor, memory_valid: torch.Tensor
-    ) -> torch.Tensor:
-        """Which entries at ``positions`` [B, n] the query at ``position`` may read: behind its window and not in
-        the in-context memory (memory_positions, memory_valid: [B, M]) -> [B, n] bool."""
-        held = (positions[:, :, None] == memory_positions[:, None, :]) & memory_valid[:, None, :]
-        return (positions < position - window + 1) & ~held.any(-1)
 
     def _candidates(self, summed: torch.Tensor, count: int) -> torch.Tensor:
         """The index's ``count`` best entries for the query summed [B, Hkv, Dh]: [B, count], -1 for none."""
@@ -181,7 +186,7 @@ class TokenStore:
         if self.index is None or self.index_rows is None or not torch.equal(self.index_rows, rows):
             self.index = RowIndexes(self.index_kind, batch, self.keys.shape[1] * self.keys.shape[3])
             self.index_rows = rows
-        if self.index.indexed < self.keys.shape[2]:
+        if self.index.indexed < self.size:
             start = self.index.indexed
-            self.index.add(self.keys[:, :, start:], self.valid[:, start:])
+            self.index.add(self.keys[:, :, start : self.size], self.valid[:, start : self.size])
         return self.index.search(summed.flatten(1), count)
