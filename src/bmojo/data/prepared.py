@@ -116,25 +116,38 @@ def check_recipe(manifest: dict, config: DataConfig, seed: int, folder: Path) ->
         )
 
 
+def shard_problem(folder: Path, record: dict, itemsize: int) -> str | None:
+    """What keeps the shard ``record`` describes (its name, documents and tokens) from being whole in ``folder``:
+    a missing file, a ``.tokens`` file of another size, or a ``.docs.npy`` that does not hold the record's
+    document lengths; None when it is whole. Reads the ``.docs.npy`` (4 bytes a document), not the tokens."""
+    tokens, lengths = folder / f"{record['name']}.tokens", folder / f"{record['name']}.docs.npy"
+    for path in (tokens, lengths):
+        if not path.is_file():
+            return f"{path} is missing (the manifest lists it)"
+    if tokens.stat().st_size != record["tokens"] * itemsize:
+        return (
+            f"{tokens} is truncated or damaged: {tokens.stat().st_size:,} bytes where the manifest says "
+            f"{record['tokens'] * itemsize:,} ({record['tokens']:,} tokens)"
+        )
+    if document_lengths(folder, record) is None:
+        return (
+            f"{lengths} is truncated or damaged: it does not hold the {record['documents']:,} document lengths "
+            f"({record['tokens']:,} tokens) the manifest says"
+        )
+    return None
+
+
 def check_shards(folder: Path, manifest: dict) -> None:
-    """Every shard the manifest lists is there and whole; reads nothing but their sizes."""
+    """Every shard the manifest lists is there and whole (see :func:`shard_problem`), else an error naming the
+    first that is not and what to do."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for shard in manifest["shards"]:
-        for path, size in (
-            (folder / f"{shard['name']}.tokens", shard["tokens"] * itemsize),
-            (folder / f"{shard['name']}.docs.npy", None),
-        ):
-            if not path.is_file():
-                raise DataError(
-                    f"{path} is missing (the manifest lists it): copy the folder again, or rerun bmojo-prepare "
-                    "with the same overrides, which rewrites missing shards"
-                )
-            if size is not None and path.stat().st_size != size:
-                raise DataError(
-                    f"{path} is truncated or damaged: {path.stat().st_size:,} bytes where the manifest says "
-                    f"{size:,} ({shard['tokens']:,} tokens); copy the folder again, or rerun bmojo-prepare with "
-                    "the same overrides, which rewrites damaged shards"
-                )
+        problem = shard_problem(folder, shard, itemsize)
+        if problem is not None:
+            raise DataError(
+                f"{problem}; copy the folder again, or rerun bmojo-prepare with the same overrides, which rewrites "
+                "missing or damaged shards"
+            )
 
 
 def document_lengths(folder: Path, shard: dict) -> np.ndarray | None:
@@ -226,13 +239,7 @@ def open_prepared(
     shard_first = np.cumsum(shard_tokens) - shard_tokens
     starts = []
     for shard, first in zip(manifest["shards"], shard_first, strict=True):
-        lengths = document_lengths(folder, shard)
-        if lengths is None:
-            raise DataError(
-                f"{folder / shard['name']}.docs.npy is truncated or damaged: it does not hold the "
-                f"{shard['documents']:,} document lengths ({shard['tokens']:,} tokens) the manifest says; copy the "
-                "folder again, or rerun bmojo-prepare with the same overrides, which rewrites damaged shards"
-            )
+        lengths = np.load(folder / f"{shard['name']}.docs.npy")  # checked whole by check_shards
         starts.append(block_starts(lengths, int(first), config.seq_len))
     starts = np.concatenate(starts)
     num_val = held_out_count(len(starts), int(shard_tokens.sum()), config.seq_len, config.val_fraction)

@@ -34,10 +34,10 @@ from bmojo.data.prepared import (
     MANIFEST,
     PLAN,
     TOKENIZER,
-    document_lengths,
     read_json,
     recipe_differences,
     recipe_fields,
+    shard_problem,
     shard_stem,
     token_dtype,
     tokenizer_hash,
@@ -103,10 +103,7 @@ def _shard_done(folder: Path, index: int, dtype: np.dtype, manifest: dict | None
         record = manifest["shards"][index]
     else:
         record = read_json(folder / f"{shard_stem(index)}.json")
-    tokens = folder / f"{shard_stem(index)}.tokens"
-    if record is None or not tokens.is_file() or tokens.stat().st_size != record["tokens"] * dtype.itemsize:
-        return None
-    return record if document_lengths(folder, record) is not None else None
+    return record if record is not None and shard_problem(folder, record, dtype.itemsize) is None else None
 
 
 def _write_shard(index: int, report: Callable[[int, int], None] | None = None) -> dict:
