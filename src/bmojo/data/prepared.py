@@ -65,6 +65,23 @@ def recipe_differences(found: dict, wanted: dict) -> list[str]:
     ]
 
 
+def refuse_differences(folder: Path, found: dict, wanted: dict, remedy: str) -> None:
+    """Refuse ``folder`` when what it was prepared from differs from what is wanted, naming each difference.
+
+    ``found`` (the folder's manifest or plan) and ``wanted`` hold ``recipe`` (fields by override name, see
+    :func:`recipe_fields`); any other key of ``wanted`` (``sources``, ``shard_documents``, ...) is compared too.
+    """
+    differences = recipe_differences(found["recipe"], wanted["recipe"])
+    differences += [
+        f"{key}: the folder has {found.get(key)!r}, this prepare {wanted[key]!r}"
+        for key in sorted(wanted.keys() - {"recipe"})
+        if found.get(key) != wanted[key]
+    ]
+    if differences:
+        what = "another recipe" if wanted.keys() == {"recipe"} else "another recipe or other sources"
+        raise DataError(f"{folder} was prepared from {what} ({'; '.join(differences)}): {remedy}")
+
+
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides the ids: the fast tokenizer's serialized pipeline, else the vocabulary."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -108,12 +125,8 @@ def read_manifest(folder: Path) -> dict:
 
 def check_recipe(manifest: dict, config: DataConfig, seed: int, folder: Path) -> None:
     """Refuse a folder prepared from another recipe, naming each field that differs."""
-    differences = recipe_differences(manifest["recipe"], recipe_fields(config, seed))
-    if differences:
-        raise DataError(
-            f"{folder} was prepared from another recipe ({'; '.join(differences)}): use the overrides it was "
-            "prepared with, or prepare a new folder for this recipe with bmojo-prepare"
-        )
+    remedy = "use the overrides it was prepared with, or prepare a new folder for this recipe with bmojo-prepare"
+    refuse_differences(folder, manifest, {"recipe": recipe_fields(config, seed)}, remedy)
 
 
 def shard_problem(folder: Path, record: dict, itemsize: int) -> str | None:

@@ -35,8 +35,8 @@ from bmojo.data.prepared import (
     PLAN,
     TOKENIZER,
     read_json,
-    recipe_differences,
     recipe_fields,
+    refuse_differences,
     shard_problem,
     shard_stem,
     token_dtype,
@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_DOCUMENTS = 100_000  # ~50-200 MB of tokens a shard for web-like documents
 _JOB: SimpleNamespace | None = None  # what a worker process needs, inherited when it is forked
+_LEFT_ALONE = "nothing was changed: prepare into a new folder, or rerun with the overrides it was prepared from"
 
 
 @dataclass
@@ -72,18 +73,6 @@ def source_files(config: DataConfig) -> list[dict]:
     if config.source == DataSource.hub:
         return [{"hub": config.hub_name, "config": config.hub_config, "split": config.hub_split}]
     return [{"stdlib": sys.version.split()[0]}]
-
-
-def _refuse_mismatch(folder: Path, found: dict, plan: dict) -> None:
-    differences = recipe_differences(found["recipe"], plan["recipe"])
-    for key in plan.keys() - {"recipe"}:
-        if found.get(key) != plan.get(key):
-            differences.append(f"{key}: the folder has {found.get(key)!r}, this prepare {plan.get(key)!r}")
-    if differences:
-        raise DataError(
-            f"{folder} was prepared from another recipe or other sources ({'; '.join(differences)}); nothing was "
-            "changed: prepare into a new folder, or rerun with the overrides it was prepared from"
-        )
 
 
 def _check_folder(folder: Path) -> dict | None:
@@ -193,7 +182,7 @@ def prepare_folder(
         "sources": source_files(config),
     }
     if found is not None:
-        _refuse_mismatch(folder, found, plan)
+        refuse_differences(folder, found, plan, _LEFT_ALONE)
         manifest = read_json(folder / MANIFEST)
         shards = range(len(manifest["shards"])) if manifest else ()
         if manifest and all(_shard_done(folder, i, np.dtype(manifest["dtype"]), manifest) for i in shards):
@@ -209,7 +198,7 @@ def prepare_folder(
     dtype = token_dtype(tokenizer)
     plan |= {"tokenizer": config.tokenizer, "tokenizer_hash": tokenizer_hash(tokenizer), "dtype": dtype.name}
     if found is not None:
-        _refuse_mismatch(folder, found, plan)  # other documents, or another tokenizer than the folder's
+        refuse_differences(folder, found, plan, _LEFT_ALONE)  # other documents, or another tokenizer than the folder's
     folder.mkdir(parents=True, exist_ok=True)
     if found is None:
         write_json_atomically(folder / PLAN, plan)
