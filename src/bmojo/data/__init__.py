@@ -16,7 +16,7 @@ from bmojo.data.loader import BlockLoader, eval_batches, training_loader
 from bmojo.data.mqar import prepare_mqar
 from bmojo.data.packing import PackedData, pack_documents
 from bmojo.data.prepared import TokenBlocks, open_prepared
-from bmojo.data.shards import PrepareResult, prepare_folder
+from bmojo.data.shards import PrepareResult, prepare_folder, tokenizer_for_documents
 from bmojo.data.streaming import StreamedBlocks, StreamLoader, open_stream
 from bmojo.data.tokenizer import END_OF_TEXT, build_tokenizer, byte_tokenizer, load_pretrained_tokenizer, train_bpe
 
@@ -74,8 +74,7 @@ def prepare_data(
     documents, report = load_documents(config, seed)
     logger.info("corpus: %s", report.summary())
     if tokenizer is None:
-        texts = (text for batch in documents.iter(batch_size=256) for text in batch["text"])
-        tokenizer = build_tokenizer(config.tokenizer, texts, config.bpe_vocab_size)
+        tokenizer = tokenizer_for_documents(documents, config)
     packed = pack_documents(documents, tokenizer, config.seq_len, config.val_fraction)
     logger.info(
         "packed %s tokens: %d training and %d held-out blocks of %d",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -73,6 +74,12 @@ def source_files(config: DataConfig) -> list[dict]:
     if config.source == DataSource.hub:
         return [{"hub": config.hub_name, "config": config.hub_config, "split": config.hub_split}]
     return [{"stdlib": sys.version.split()[0]}]
+
+
+def tokenizer_for_documents(documents: datasets.Dataset, config: DataConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer ``data.tokenizer`` names; a BPE (``data.tokenizer=bpe``) is trained on ``documents``' texts."""
+    texts = (text for batch in documents.iter(batch_size=256) for text in batch["text"])
+    return build_tokenizer(config.tokenizer, texts, config.bpe_vocab_size)
 
 
 def _check_folder(folder: Path) -> dict | None:
@@ -193,8 +200,7 @@ def prepare_folder(
     if found is not None and tokenizer is None and (folder / TOKENIZER).is_dir():
         tokenizer = load_pretrained_tokenizer(str(folder / TOKENIZER))  # as the interrupted prepare trained it
     elif tokenizer is None:
-        texts = (text for batch in documents.iter(batch_size=256) for text in batch["text"])
-        tokenizer = build_tokenizer(config.tokenizer, texts, config.bpe_vocab_size)
+        tokenizer = tokenizer_for_documents(documents, config)
     dtype = token_dtype(tokenizer)
     plan |= {"tokenizer": config.tokenizer, "tokenizer_hash": tokenizer_hash(tokenizer), "dtype": dtype.name}
     if found is not None:
