@@ -126,6 +126,14 @@ def _write_shard(index: int, report: Callable[[int, int], None] | None = None) -
     return record
 
 
+def _write_shard_in_worker(index: int) -> dict:
+    """:func:`_write_shard` in a pool worker, its reports queued; a None follows them (one process's puts arrive
+    in order), so the parent knows when the shard's reports are all in."""
+    record = _write_shard(index)
+    _JOB.queue.put(None)
+    return record
+
+
 def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     partial = folder / f".{TOKENIZER}.tmp"
     shutil.rmtree(partial, ignore_errors=True)
@@ -150,12 +158,19 @@ def _run_shards(todo: list[int], workers: int, bar: tqdm) -> None:
     context = multiprocessing.get_context("fork")
     _JOB.queue = context.Queue()
     with context.Pool(min(workers, len(todo))) as pool:
-        pending = pool.map_async(_write_shard, todo, chunksize=1)
-        while not (pending.ready() and _JOB.queue.empty()):
+        pending = pool.map_async(_write_shard_in_worker, todo, chunksize=1)
+        finished = 0
+        while finished < len(todo):  # every shard's last report has arrived when its None has
             try:
-                report(*_JOB.queue.get(timeout=0.2))
+                update = _JOB.queue.get(timeout=0.2)
             except queue.Empty:
+                if pending.ready() and not pending.successful():
+                    break  # a worker failed: its shard sends no None
                 continue
+            if update is None:
+                finished += 1
+            else:
+                report(*update)
         pending.get()  # re-raises a worker's error
 
 
