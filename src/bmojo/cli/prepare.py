@@ -53,8 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         result = prepare_folder(
             config.data, config.seed, config.data.prepared, args.workers, args.shard_documents, progress=not args.quiet
         )
-    if result.shards_written == 0:
+    if not result.manifest_written:
         print(f"{result.folder}: already prepared ({result.tokens:,} tokens in {result.shards} shards)")
+        return
+    if result.shards_written == 0:
+        print(
+            f"{result.folder}: all {result.shards} shards were there ({result.tokens:,} tokens from "
+            f"{result.documents:,} documents); wrote the missing manifest"
+        )
         return
     print(
         f"{result.folder}: {result.tokens:,} tokens from {result.documents:,} documents in {result.shards} shards "

@@ -61,6 +61,7 @@ class PrepareResult:
     shards: int
     shards_written: int  # by this call; the others were there already
     seconds: float
+    manifest_written: bool = True  # False when the folder was finished already (nothing written)
 
     @property
     def tokens_per_s(self) -> float:
@@ -208,7 +209,7 @@ def prepare_folder(
         manifest = read_json(folder / MANIFEST)
         shards = range(len(manifest["shards"])) if manifest else ()
         if manifest and all(_shard_done(folder, i, np.dtype(manifest["dtype"]), manifest) for i in shards):
-            return PrepareResult(folder, manifest["documents"], manifest["tokens"], len(shards), 0, 0.0)
+            return PrepareResult(folder, manifest["documents"], manifest["tokens"], len(shards), 0, 0.0, False)
     documents, report = load_documents(config, seed)
     logger.info("corpus: %s", report.summary())
     plan["documents"] = len(documents)
