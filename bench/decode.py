@@ -9,7 +9,8 @@ every tensor the cache holds). Members alternate token by token so a slow spell 
 alike. ``--compile`` decodes every member through its compiled step (``compile_decoding``); the variants it
 compiles in its first tokens are left out of the timing by ``--warmup`` tokens first. ``--store-topk R`` adds
 ``B+store``: B with an in-storage memory that each query reads ``R`` entries from (no parameters of its own; its
-store grows with the context, and it decodes eagerly).
+store grows with the context, and it decodes eagerly); ``--store-index hnsw`` (or ``flat``) also times that
+store searched through a faiss index (``B+store:hnsw``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="decode through compiled steps (compile_decoding)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed tokens first (default: 0, or 4 compiled)")
     parser.add_argument("--store-topk", type=int, default=0, help="also time B with an in-storage memory (R > 0)")
+    parser.add_argument("--store-index", default="dense", choices=["dense", "flat", "hnsw"], help="and through faiss")
     add_run_arguments(parser)
     add_size_arguments(parser)
     return parser.parse_args(argv)
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.store_topk:
         reference = configs.get("B") or family_configs(("B",), **size_fields(args))["B"]
         configs["B+store"] = BmojoConfig(**{**reference.to_diff_dict(), "store_topk": args.store_topk})
+        if args.store_index != "dense":  # the same store searched through a faiss index from its first entry
+            index = {"store_index": args.store_index, "store_index_from": 0}
+            configs[f"B+store:{args.store_index}"] = BmojoConfig(**{**configs["B+store"].to_diff_dict(), **index})
     models = build_models(args, configs)
     results = []
     for context in args.contexts:
