@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ from bmojo.train.trainer import Trainer, TrainSummary, build_model, check_memory
 logger = logging.getLogger(__name__)
 
 PREPARED = "prepared"  # the run folder's token shards, when the recipe names no data.prepared
+# How long the other processes wait for process 0 to prepare PREPARED (on one core), in a gloo group of their own:
+# the default group's timeout (NCCL's 10 minutes, gloo's 30) would stop any run whose corpus takes longer.
+PREPARE_TIMEOUT = timedelta(hours=24)
 
 
 def select_trainer(config: RunConfig) -> type[Trainer]:
@@ -200,21 +204,22 @@ class ParallelTrainer(Trainer):
             torch.cuda.set_device(device)
         return device
 
-    def _from_main(self, value):
-        """``value`` as process 0 has it, on every process."""
+    def _from_main(self, value, group: dist.ProcessGroup | None = None):
+        """``value`` as process 0 has it, on every process (over ``group``, else the host values' group)."""
         box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        dist.broadcast_object_list(box, src=0, group=self.host_group if group is None else group)
         return box[0]
 
     def _prepare_data(self, tokenizer: PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, PackedData]:
         """The data on every process, tokenized once: process 0 prepares a folder of token shards in the run
         folder (training a tokenizer there if one is to be trained; a restart finds the folder done), the
-        others wait, then every process memory-maps it. A prepared folder, a stream and a synthetic task have
-        nothing to tokenize up front, so every process opens its own."""
+        others wait (up to ``PREPARE_TIMEOUT``), then every process memory-maps it. A prepared folder, a stream
+        and a synthetic task have nothing to tokenize up front, so every process opens its own."""
         cfg = self.config
         if cfg.data.prepared or cfg.data.streaming or cfg.data.source == DataSource.mqar:
             return prepare_data(cfg.data, cfg.seed, tokenizer)
         folder = self.run_dir / PREPARED
+        waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)  # see PREPARE_TIMEOUT
         failure = None
         if self.is_main:
             try:
@@ -222,7 +227,10 @@ class ParallelTrainer(Trainer):
             except Exception as error:  # any error (a full disk, a worker's crash), not only a DataError
                 failure = error
         # Every process learns of process 0's failure, instead of waiting at a barrier it never reaches.
-        message = self._from_main(None if failure is None else str(failure))
+        try:
+            message = self._from_main(None if failure is None else str(failure), group=waiting)
+        finally:
+            dist.destroy_process_group(waiting)
         if message is not None:
             if failure is not None:
                 raise failure
