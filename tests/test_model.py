@@ -376,3 +376,14 @@ def assert_backends_agree_on_loss_and_gradients(model: BmojoForCausalLM, ids: to
 def test_model_gradients_agree_between_naive_and_torch_kernels():
     model = build(tiny_config("MWFB", layers=4, memory_threshold=0.0)).train()
     assert_backends_agree_on_loss_and_gradients(model, torch.randint(0, VOCAB, (2, 37)))
+
+
+def test_generate_computes_only_the_last_positions_logits_and_refuses_hidden_states_it_cannot_give():
+    model = build(tiny_config("MB"))
+    prompts = torch.randint(1, VOCAB, (2, 9))
+    shapes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    model.generate(prompts, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert shapes == [(2, 1, VOCAB)] * 2  # the prefill too: no [B, T, V] for a long prompt
+    with pytest.raises(ValueError, match="output_hidden_states works in the parallel forward"):
+        model.generate(prompts, max_new_tokens=2, do_sample=False, pad_token_id=0, output_hidden_states=True)

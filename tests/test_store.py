@@ -10,6 +10,7 @@ from test_model import SEQ_LEN, VOCAB, assert_backends_agree_on_loss_and_gradien
 
 from bmojo.model import store
 from bmojo.model.store import retrieve_parallel
+from bmojo.model.store_index import RowIndexes
 
 
 def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk):
@@ -110,7 +111,8 @@ def test_store_settings_are_checked_and_compiled_decoding_refuses_the_store():
 @pytest.mark.parametrize("index", ["flat", "hnsw"])
 def test_decoding_through_a_faiss_index_retrieves_what_the_dense_score_does(index):
     require_package("faiss", "store")
-    overrides = dict(store_topk=3, memory_threshold=0.0, store_rule="innovative")
+    # At threshold 1.0 the rule keeps some tokens and drops others, so the index holds kept entries only.
+    overrides = dict(store_topk=3, memory_threshold=1.0, store_rule="innovative")
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(5))
     logits = {}
     for kind in ("dense", index):
@@ -127,10 +129,26 @@ def test_decoding_through_a_faiss_index_retrieves_what_the_dense_score_does(inde
         assert (store.index is not None) == (kind != "dense")
     # hnsw is approximate, but at a few dozen entries its graph search finds every neighbour.
     torch.testing.assert_close(logits[index], logits["dense"], atol=1e-5, rtol=0)
-    assert int(store.index.indexes[0].ntotal) == int(store.valid[0].sum())
+    kept = store.valid[:, : store.size]
+    assert bool(kept.any()) and not bool(kept.all())
+    assert int(store.index.indexes[0].ntotal) == int(kept[0].sum())
 
 
-def test_a_reordered_cache_builds_its_index_again():
+def test_hnsw_finds_most_of_the_exact_neighbours_of_a_large_store():
+    require_package("faiss", "store")
+    generator = torch.Generator().manual_seed(7)
+    keys = torch.randn(1, 2, 20000, 32, generator=generator)
+    queries = torch.randn(1, 2 * 32, generator=generator)
+    found = {}
+    for kind in ("flat", "hnsw"):
+        indexes = RowIndexes(kind, batch=1, dim=64)
+        indexes.add(keys, torch.ones(1, 20000, dtype=torch.bool))
+        found[kind] = [set(indexes.search(queries, 10)[0].tolist())]
+    recall = len(found["flat"][0] & found["hnsw"][0]) / 10
+    assert recall >= 0.8, recall
+
+
+def test_a_reordered_or_shrunk_cache_reorders_its_index_rows():
     require_package("faiss", "store")
     model = build(tiny_config("B", store_topk=3, store_index="flat", store_index_from=8))
     ids = torch.randint(0, VOCAB, (2, SEQ_LEN), generator=torch.Generator().manual_seed(6))
@@ -141,5 +159,9 @@ def test_a_reordered_cache_builds_its_index_again():
         out.cache.reorder_cache(torch.tensor([1, 1]))  # both rows continue row 1
         swapped = model(ids[1:2, 31:32].expand(2, 1), cache=out.cache, use_cache=True).logits
         alone = model(ids[1:2, :32]).logits[:, -1:]
-    assert out.cache.states[0].store.index is not first
+    indexes = out.cache.states[0].store.index
+    assert indexes is first and indexes.indexes[0] is not indexes.indexes[1]  # row 1's index, and a copy of it
     torch.testing.assert_close(swapped, alone.expand(2, 1, -1), atol=1e-4, rtol=0)
+    out.cache.batch_select_indices(torch.tensor([0]))  # the batch shrinks to its first row
+    shrunk = model(ids[1:2, 32:33], cache=out.cache, use_cache=True).logits
+    torch.testing.assert_close(shrunk, model(ids[1:2, :33]).logits[:, -1:], atol=1e-4, rtol=0)

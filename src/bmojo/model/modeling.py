@@ -442,7 +442,11 @@ class BmojoForCausalLM(BmojoPreTrainedModel, GenerationMixin):
         # a left-padded batch runs each prompt length on its own, so the padding never enters a state.
         if cache is not None and cache.seen_tokens:
             input_ids = input_ids[:, cache.seen_tokens :]
-        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        inputs = {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        # generate asks for the last position's logits only (logits_to_keep), so a long prompt's prefill does not
+        # build [B, T, V]; output requests go on to forward, which says what it cannot give.
+        passed_on = ("logits_to_keep", "output_hidden_states", "output_attentions")
+        return inputs | {name: kwargs[name] for name in passed_on if kwargs.get(name) is not None}
 
     def forward(
         self,

@@ -96,7 +96,7 @@ class TokenStore:
     a row's rule did not keep is an invalid entry; the capacity C doubles when full, so a growing store is copied
     O(log N) times, not once a block). From ``index_from`` entries on, ``index_kind`` ``flat`` or ``hnsw`` finds
     the candidates with a faiss index (:mod:`bmojo.model.store_index`); ``index_rows`` [B] (the batch rows it was
-    built for) follows the rows when a cache reorders them, which tells the index to build itself again.
+    built for) follows the rows when a cache reorders them, which tells the index to reorder its rows alike.
     """
 
     keys: torch.Tensor
@@ -183,9 +183,12 @@ class TokenStore:
         """The index's ``count`` best entries for the query summed [B, Hkv, Dh]: [B, count], -1 for none."""
         batch = self.keys.shape[0]
         rows = torch.arange(batch, device=self.keys.device)
-        if self.index is None or self.index_rows is None or not torch.equal(self.index_rows, rows):
+        if self.index is None:
             self.index = RowIndexes(self.index_kind, batch, self.keys.shape[1] * self.keys.shape[3])
-            self.index_rows = rows
+        elif not torch.equal(self.index_rows, rows) or len(self.index.indexes) != batch:
+            # The cache reordered its rows: row i now continues old row index_rows[i], whose entries it holds.
+            self.index.continue_rows(self.index_rows.tolist())
+        self.index_rows = rows
         if self.index.indexed < self.size:
             start = self.index.indexed
             self.index.add(self.keys[:, :, start : self.size], self.valid[:, start : self.size])
