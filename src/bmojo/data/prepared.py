@@ -129,38 +129,43 @@ def check_recipe(manifest: dict, config: DataConfig, seed: int, folder: Path) ->
     refuse_differences(folder, manifest, {"recipe": recipe_fields(config, seed)}, remedy)
 
 
-def shard_problem(folder: Path, record: dict, itemsize: int) -> str | None:
-    """What keeps the shard ``record`` describes (its name, documents and tokens) from being whole in ``folder``:
-    a missing file, a ``.tokens`` file of another size, or a ``.docs.npy`` that does not hold the record's
-    document lengths; None when it is whole. Reads the ``.docs.npy`` (4 bytes a document), not the tokens."""
-    tokens, lengths = folder / f"{record['name']}.tokens", folder / f"{record['name']}.docs.npy"
-    for path in (tokens, lengths):
+def inspect_shard(folder: Path, record: dict, itemsize: int) -> tuple[str | None, np.ndarray | None]:
+    """Whether the shard ``record`` describes (its name, documents and tokens) is whole in ``folder``: (None, its
+    document lengths), or (what is wrong, None): a missing file, a ``.tokens`` file of another size, or a
+    ``.docs.npy`` that does not hold the record's document lengths. Reads the ``.docs.npy`` (4 bytes a
+    document), not the tokens."""
+    tokens, lengths_file = folder / f"{record['name']}.tokens", folder / f"{record['name']}.docs.npy"
+    for path in (tokens, lengths_file):
         if not path.is_file():
-            return f"{path} is missing (the manifest lists it)"
+            return f"{path} is missing (the manifest lists it)", None
     if tokens.stat().st_size != record["tokens"] * itemsize:
         return (
             f"{tokens} is truncated or damaged: {tokens.stat().st_size:,} bytes where the manifest says "
             f"{record['tokens'] * itemsize:,} ({record['tokens']:,} tokens)"
-        )
-    if document_lengths(folder, record) is None:
+        ), None
+    lengths = document_lengths(folder, record)
+    if lengths is None:
         return (
-            f"{lengths} is truncated or damaged: it does not hold the {record['documents']:,} document lengths "
-            f"({record['tokens']:,} tokens) the manifest says"
-        )
-    return None
+            f"{lengths_file} is truncated or damaged: it does not hold the {record['documents']:,} document "
+            f"lengths ({record['tokens']:,} tokens) the manifest says"
+        ), None
+    return None, lengths
 
 
-def check_shards(folder: Path, manifest: dict) -> None:
-    """Every shard the manifest lists is there and whole (see :func:`shard_problem`), else an error naming the
-    first that is not and what to do."""
+def checked_document_lengths(folder: Path, manifest: dict) -> list[np.ndarray]:
+    """Every shard's document lengths, once each shard the manifest lists is found whole (see
+    :func:`inspect_shard`); else an error naming the first that is not and what to do."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
+    all_lengths = []
     for shard in manifest["shards"]:
-        problem = shard_problem(folder, shard, itemsize)
+        problem, lengths = inspect_shard(folder, shard, itemsize)
         if problem is not None:
             raise DataError(
                 f"{problem}; copy the folder again, or rerun bmojo-prepare with the same overrides, which rewrites "
                 "missing or damaged shards"
             )
+        all_lengths.append(lengths)
+    return all_lengths
 
 
 def document_lengths(folder: Path, shard: dict) -> np.ndarray | None:
@@ -240,7 +245,7 @@ def open_prepared(
     check_packing(config.seq_len, config.val_fraction)
     manifest = read_manifest(folder)
     check_recipe(manifest, config, seed, folder)
-    check_shards(folder, manifest)
+    all_lengths = checked_document_lengths(folder, manifest)
     if tokenizer is None:
         tokenizer = load_pretrained_tokenizer(str(folder / TOKENIZER))
     elif tokenizer_hash(tokenizer) != manifest["tokenizer_hash"]:
@@ -250,11 +255,12 @@ def open_prepared(
         )
     shard_tokens = np.array([shard["tokens"] for shard in manifest["shards"]], dtype=np.int64)
     shard_first = np.cumsum(shard_tokens) - shard_tokens
-    starts = []
-    for shard, first in zip(manifest["shards"], shard_first, strict=True):
-        lengths = np.load(folder / f"{shard['name']}.docs.npy")  # checked whole by check_shards
-        starts.append(block_starts(lengths, int(first), config.seq_len))
-    starts = np.concatenate(starts)
+    starts = np.concatenate(
+        [
+            block_starts(lengths, int(first), config.seq_len)
+            for lengths, first in zip(all_lengths, shard_first, strict=True)
+        ]
+    )
     num_val = held_out_count(len(starts), int(shard_tokens.sum()), config.seq_len, config.val_fraction)
     paths = [folder / f"{shard['name']}.tokens" for shard in manifest["shards"]]
     dtype = np.dtype(manifest["dtype"])

@@ -35,10 +35,10 @@ from bmojo.data.prepared import (
     MANIFEST,
     PLAN,
     TOKENIZER,
+    inspect_shard,
     read_json,
     recipe_fields,
     refuse_differences,
-    shard_problem,
     shard_stem,
     token_dtype,
     tokenizer_hash,
@@ -100,7 +100,7 @@ def _shard_done(folder: Path, index: int, dtype: np.dtype, manifest: dict | None
         record = manifest["shards"][index]
     else:
         record = read_json(folder / f"{shard_stem(index)}.json")
-    return record if record is not None and shard_problem(folder, record, dtype.itemsize) is None else None
+    return record if record is not None and inspect_shard(folder, record, dtype.itemsize)[0] is None else None
 
 
 def _write_shard(index: int, report: Callable[[int, int], None] | None = None) -> dict:
@@ -142,7 +142,8 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     os.replace(partial, folder / TOKENIZER)
 
 
-def _run_shards(todo: list[int], workers: int, bar: tqdm) -> None:
+def _run_shards(todo: list[int], workers: int, bar: tqdm) -> dict[int, dict]:
+    """Write the shards ``todo``; returns their records by index."""
     started, tokens = time.perf_counter(), 0
 
     def report(documents: int, new_tokens: int) -> None:
@@ -152,9 +153,7 @@ def _run_shards(todo: list[int], workers: int, bar: tqdm) -> None:
         bar.update(documents)
 
     if workers == 1 or len(todo) == 1:
-        for index in todo:
-            _write_shard(index, report)
-        return
+        return {index: _write_shard(index, report) for index in todo}
     # Forked workers inherit the documents (memory-mapped Arrow) and the tokenizer instead of pickling them.
     context = multiprocessing.get_context("fork")
     _JOB.queue = context.Queue()
@@ -172,7 +171,7 @@ def _run_shards(todo: list[int], workers: int, bar: tqdm) -> None:
                 finished += 1
             else:
                 report(*update)
-        pending.get()  # re-raises a worker's error
+        return dict(zip(todo, pending.get(), strict=True))  # get() re-raises a worker's error
 
 
 def prepare_folder(
@@ -236,11 +235,11 @@ def prepare_folder(
     )
     bar = tqdm(total=len(documents), initial=skipped, unit="doc", desc="prepare", disable=not progress, mininterval=1.0)
     try:
-        _run_shards(todo, workers, bar)
+        written = _run_shards(todo, workers, bar)
     finally:
         bar.close()
         _JOB = None
-    records = [_shard_done(folder, index, dtype, manifest) for index in range(shards)]
+    records = [done[index] or written[index] for index in range(shards)]
     tokens = sum(record["tokens"] for record in records)
     finished = plan | {
         "tokens": tokens,

@@ -124,10 +124,11 @@ class StreamLoader:
         # split would instead divide the skip among the ranks' files, and rank 0 would train on held-out rows.
         documents = split_dataset_by_node(stream_documents(stream.config), rank=rank, world_size=world_size)
         self.documents = documents.skip(stream.skip_documents)
-        self._start = copy.deepcopy(self.documents.state_dict())
+        # datasets' state_dict() returns a copy, and these are replaced, never changed in place: no copies here.
+        self._start = self.documents.state_dict()
         self.epoch = 0
         self._pending: list[int] = []  # tokens of documents read, not yet served
-        self._position = copy.deepcopy(self._start)  # the stream's state after the last document read
+        self._position = self._start  # the stream's state after the last document read
         self._texts: Iterator[str] | None = None
 
     def _next_text(self) -> str:
@@ -137,10 +138,10 @@ class StreamLoader:
                 self._texts = _texts(iter(self.documents), self.stream.config.text_field)
             text = next(self._texts, None)
             if text is not None:
-                self._position = copy.deepcopy(self.documents.state_dict())
+                self._position = self.documents.state_dict()
                 return text
             self.epoch += 1
-            self._position, self._texts = copy.deepcopy(self._start), None
+            self._position, self._texts = self._start, None
         raise DataError(
             f"data-parallel rank {self.rank} of {self.world_size} gets no document from the stream after its "
             f"{self.stream.skip_documents} held-out documents; use a larger dataset"
