@@ -174,8 +174,8 @@ class AttentionMixer(nn.Module):
                 mem_valid=mem_valid[:, :num_blocks],
                 mem_block=self.memory_block,
             )
-            storable = None if self.store_rule == "all" else iota > self.memory_threshold
             if self.store_topk:
+                storable = self._store_keeps(iota)
                 memory = self._with_store(memory, extra.get("mem_q", q), memory_k, v, storable)
             extra.update(memory)
             if state is not None and self.store_topk:
@@ -183,9 +183,8 @@ class AttentionMixer(nn.Module):
                 state.store = TokenStore.empty(
                     k, batch, k.shape[2], k.shape[3], self.store_index, self.store_index_from
                 )
-                kept = torch.ones_like(iota[:, :finished], dtype=torch.bool) if storable is None else storable
                 stored = [t[:, :finished].transpose(1, 2) for t in (memory_k, v)]
-                state.store.append(*stored, kept[:, :finished])
+                state.store.append(*stored, storable[:, :finished])
             if state is not None:
                 current = length // self.memory_block
                 state.block_scores = iota.new_zeros(batch, self.memory_block)
@@ -195,18 +194,24 @@ class AttentionMixer(nn.Module):
         out = bmojo_attention(q, k, v, window=self.window, **extra)
         return self.o_proj(out.flatten(2)), aux, state
 
+    def _store_keeps(self, iota: torch.Tensor) -> torch.Tensor:
+        """Which tokens the store keeps (``store_rule``), from their innovation ratios iota: [B, n] -> [B, n] bool."""
+        if self.store_rule == "innovative":
+            return iota > self.memory_threshold
+        return torch.ones_like(iota, dtype=torch.bool)
+
     def _with_store(
         self,
         memory: dict,
         query: torch.Tensor,
         memory_k: torch.Tensor,
         v: torch.Tensor,
-        storable: torch.Tensor | None,
+        storable: torch.Tensor,
     ) -> dict:
         """The op's memory arguments with each query's store retrieval beside its block's in-context memory.
 
         memory: the per-block ``mem_*`` arguments ([B, NB, M, ...]); query: [B, T, Hq, Dh] as it scores memory
-        keys; memory_k, v: [B, T, Hkv, Dh]; storable: [B, T] or None. Retrieval is per query, so the result is per
+        keys; memory_k, v: [B, T, Hkv, Dh]; storable: [B, T] bool. Retrieval is per query, so the result is per
         query too (``mem_block`` 1, [B, T, M + r, ...]): the block's memory repeated for each of its queries.
         """
         length = memory_k.shape[1]
@@ -485,10 +490,7 @@ class AttentionMixer(nn.Module):
             entries=tuple(t[:, :, self.memory_start : self.store_start] for t in (state.keys, state.values)),
         )
         if self.store_topk:
-            kept = torch.ones_like(state.block_scores, dtype=torch.bool)
-            if self.store_rule == "innovative":
-                kept = state.block_scores > self.memory_threshold
-            state.store.append(block_keys, block_values, kept)
+            state.store.append(block_keys, block_values, self._store_keeps(state.block_scores))
         self._reset_memory_mask(state, position)
 
 

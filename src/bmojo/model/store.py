@@ -36,7 +36,7 @@ def summed_query(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def retrieve_parallel(
     query: torch.Tensor,
     keys: torch.Tensor,
-    storable: torch.Tensor | None,
+    storable: torch.Tensor,
     memory_positions: torch.Tensor,
     memory_valid: torch.Tensor,
     *,
@@ -47,7 +47,7 @@ def retrieve_parallel(
     """What each query retrieves from the store, in the parallel form.
 
     query: [B, T, Hq, Dh] (as the memory keys are scored); keys: [B, T, Hkv, Dh] the memory keys of every
-    position; storable: [B, T] bool, the tokens the store keeps (None: all); memory_positions, memory_valid:
+    position; storable: [B, T] bool, the tokens the store keeps; memory_positions, memory_valid:
     [B, NB, M] the in-context memory of each query block. Query ``t`` may retrieve position ``p`` when ``p`` is in
     a block before its own, behind its window (``p < t - w + 1``), storable, and not in its block's memory.
     Returns (positions: [B, T, r] int64, highest score first, valid: [B, T, r] bool).
@@ -64,8 +64,7 @@ def retrieve_parallel(
         t = torch.arange(start, min(start + QUERY_CHUNK, length), device=keys.device)[:, None]
         scores = torch.einsum("bthd,bphd->btp", summed[:, start : start + QUERY_CHUNK], keys32)
         allowed = (p < (t // block) * block) & (p < t - window + 1) & ~held[:, t[:, 0] // block, :length]
-        if storable is not None:
-            allowed = allowed & storable[:, None, :]
+        allowed = allowed & storable[:, None, :]
         chosen.append(_top(scores.masked_fill(~allowed, float("-inf")), topk))
     return torch.cat([c[0] for c in chosen], dim=1), torch.cat([c[1] for c in chosen], dim=1)
 
