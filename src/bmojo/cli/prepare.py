@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bmojo.cli.common import user_errors
 from bmojo.data import DataError, prepare_folder
 from bmojo.data.shards import DEFAULT_SHARD_DOCUMENTS
-from bmojo.train import RunConfig, recipes_dir, register_configs
+from bmojo.train import RunConfig, compose_recipe, register_configs
 
 
 def compose_run_config(overrides: list[str]) -> RunConfig:
     """The recipe ``bmojo-train`` would run with ``overrides``."""
     register_configs()
-    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+    return OmegaConf.to_object(compose_recipe(overrides))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,14 +97,11 @@ def size_fields(args: argparse.Namespace) -> dict:
 
 def compose_bench_run(overrides: list[str], run_dir: Path, threads: int | None):
     """The composed recipe of one benchmark training run: quiet (no progress bar, TensorBoard or export)."""
-    from hydra import compose, initialize_config_dir
-
-    from bmojo.train import recipes_dir
+    from bmojo.train import compose_recipe
 
     quiet = ["trainer.progress_bar=false", "trainer.tensorboard=false", "trainer.export_at_end=false"]
     threads_override = [f"backend.num_threads={threads}"] if threads is not None else []
-    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"run_dir={run_dir}", *quiet, *threads_override])
+    return compose_recipe([*overrides, f"run_dir={run_dir}", *quiet, *threads_override])
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bmojo.train.checkpoint import CheckpointError, load_model_and_tokenizer
-from bmojo.train.config import RunConfig, recipes_dir, register_configs
+from bmojo.train.config import RunConfig, compose_recipe, recipes_dir, register_configs
 from bmojo.train.device import DeviceError
 from bmojo.train.distributed import select_trainer
 from bmojo.train.export import export_model, generate_sample
@@ -24,6 +24,7 @@ __all__ = [
     "export_model",
     "generate_sample",
     "load_model_and_tokenizer",
+    "compose_recipe",
     "recipes_dir",
     "register_configs",
     "train",

@@ -205,3 +205,12 @@ def recipes_dir() -> Path:
             "(pip install -e .) or point BMOJO_RECIPES at a folder holding config.yaml"
         )
     return candidate
+
+
+def compose_recipe(overrides: list[str]):
+    """The recipe tree composed with ``overrides``, as ``bmojo-train`` composes it (a DictConfig; the schema
+    must be registered: :func:`register_configs`)."""
+    from hydra import compose, initialize_config_dir  # Hydra's compose API is needed only here
+
+    with initialize_config_dir(str(recipes_dir()), version_base="1.3"):
+        return compose(ROOT_CONFIG_NAME, overrides=overrides)
