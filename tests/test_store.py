@@ -3,6 +3,8 @@ parallel form against token-by-token decoding, gradients through the retrieved e
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from optional_packages import require_package
@@ -11,6 +13,21 @@ from test_model import SEQ_LEN, VOCAB, assert_backends_agree_on_loss_and_gradien
 from bmojo.model import store
 from bmojo.model.store import retrieve_parallel
 from bmojo.model.store_index import RowIndexes
+
+
+@pytest.fixture(autouse=True)
+def faiss_on_one_thread():
+    """faiss searches on one thread here: an OpenMP pool started in the pytest process would be inherited, in
+    whatever state, by the ranks that later tests fork (tests/parallel/harness.py)."""
+    if importlib.util.find_spec("faiss") is None:
+        yield
+        return
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 def plain_retrieval(query, keys, storable, memory_positions, memory_valid, block, window, topk):
